@@ -1,0 +1,79 @@
+"""Every configuration field, with its default and meaning.
+
+Other configs start from `get_config()` here and override a few fields. Any field can be
+changed from the command line: `python main.py --config=shapes --config.train.num_steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Root of every random stream: init, train, sample, data.
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"  # A tfds image data set name, "folder" or "shapes".
+  data.path = ""  # dataset="folder": the image directory (class sub-folders give labels).
+  data.image_size = 32  # Images are resized (shorter side) and centre-cropped to this.
+  data.split = "train"  # tfds split (also "test", "train[:90%]", ...).
+  data.data_dir = ""  # tfds data_dir; empty: tfds' default (~/tensorflow_datasets).
+  data.manual_dir = ""  # tfds manual_dir holding the official archive, for offline preparation.
+  data.random_flip = True  # Random horizontal flips (deterministic per example and epoch).
+  data.num_examples = 20_000  # dataset="shapes": how many images the generated set has.
+  data.read_threads = 2  # Host threads that decode and batch; the order never depends on it.
+  data.prefetch = 2  # Batches prepared ahead of the training step.
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"
+  model.channels = 128  # Base width; level i has channels * channel_mult[i].
+  model.channel_mult = (1, 2, 2, 2)  # One entry per resolution level.
+  model.num_res_blocks = 2  # ResBlocks per level (the up path has one more).
+  model.attn_resolutions = (16,)  # Feature-map sizes that get self-attention.
+  model.num_heads = 1
+  model.dropout = 0.1
+  model.num_groups = 32  # GroupNorm groups.
+  model.resamp_with_conv = True  # Convolutions in the down/up-sampling layers.
+  model.out_channels = 3  # Channels predicted (eps has as many as the image).
+  model.dtype = "float32"  # Compute dtype; parameters stay float32.
+
+  # ---------------------------------------------------------------- diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # "linear" or "cosine".
+  diffusion.num_timesteps = 1000
+  diffusion.beta_start = 1e-4  # linear schedule only.
+  diffusion.beta_end = 0.02  # linear schedule only.
+  diffusion.cosine_s = 0.008  # cosine schedule only.
+  diffusion.variance = (
+    "fixed_large"  # Reverse-step variance: "fixed_large" (β) or "fixed_small" (β̃).
+  )
+  diffusion.clip_x0 = True  # Clip the predicted x0 to [-1, 1] in each reverse step.
+
+  # ---------------------------------------------------------------- train
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 128  # Global batch, over all devices and hosts.
+  train.num_steps = 800_000
+  train.learning_rate = 2e-4
+  train.warmup_steps = 5000  # Linear warm-up from 0, then constant.
+  train.adam_b1 = 0.9
+  train.adam_b2 = 0.999
+  train.adam_eps = 1e-8
+  train.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
+  train.ema_decay = 0.9999
+  train.log_every = 100  # Steps between metrics.jsonl / TensorBoard records.
+  train.checkpoint_every = 5000
+  train.sample_every = 50_000  # Steps between sample grids (0: only at the end).
+  train.num_grid_samples = 64  # Images in each training-time sample grid.
+  train.keep_checkpoints = 3  # The newest ones kept.
+  train.progress = True  # A progress bar with steps/s and ETA on the terminal.
+
+  # ---------------------------------------------------------------- sample
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.sampler = "ddpm"
+  sample.num_steps = None  # Reverse steps; None means every one of the num_timesteps.
+  sample.num_samples = 64  # Images written by --mode=sample.
+  sample.batch_size = 64  # Images per compiled sampling call.
+  sample.seed = 0  # Images i of a seed are the same for any batch size or device count.
+
+  return config

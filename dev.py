@@ -1,0 +1,66 @@
+"""Set-up and the two everyday commands, needing only Python 3.11+ to start.
+
+  python3 dev.py quickstart   # trains the shapes model on this machine, writes sample grids
+  python3 dev.py test         # lint + the whole test suite
+
+Each command first makes .venv (a virtual environment in this directory) and installs
+requirements.txt into it, once; later runs reuse it. Extra arguments go to main.py or pytest.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
+
+
+def venv_python() -> str:
+  sub = ("Scripts", "python.exe") if os.name == "nt" else ("bin", "python")
+  return os.path.join(VENV, *sub)
+
+
+def ensure_venv() -> str:
+  """Creates .venv and installs requirements.txt when it changed since the last install."""
+  if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
+    sys.exit(f"error: Python 3.11 or newer is needed, this is {sys.version.split()[0]}")
+  python = venv_python()
+  if not os.path.exists(python):
+    print(f"creating the virtual environment {VENV}", flush=True)
+    venv.create(VENV, with_pip=True)
+  with open(REQUIREMENTS, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  stamp = os.path.join(VENV, ".requirements.sha256")
+  if not os.path.exists(stamp) or open(stamp).read().strip() != digest:
+    print("installing requirements.txt into .venv (once; about 700 MB)", flush=True)
+    subprocess.run(
+      [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", REQUIREMENTS],
+      check=True,
+    )
+    with open(stamp, "w") as f:
+      f.write(digest)
+  return python
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] not in ("quickstart", "test"):
+    print(__doc__.strip())
+    return 2
+  command, extra = argv[0], argv[1:]
+  python = ensure_venv()
+  os.chdir(ROOT)
+  if command == "quickstart":
+    return subprocess.call([python, "main.py", "--config=shapes", *extra])
+  for lint in (["check", "."], ["format", "--check", "."]):
+    code = subprocess.call([python, "-m", "ruff", *lint])
+    if code:
+      print("ruff found problems: run `.venv/bin/python -m ruff format .` and fix the rest")
+      return code
+  return subprocess.call([python, "-m", "pytest", "-q", *extra])
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Denoising diffusion models in JAX/Flax."""

@@ -1,0 +1,102 @@
+"""Orbax checkpoints of a run: the train state, the data position and the resolved config.
+
+Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` holds step, params, ema_params and
+opt_state; `meta` is JSON with the step the data iterator resumes at and the config. No PRNG
+key is stored: every key is re-derived from (seed, step, example index).
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointStore:
+  """Saves and restores the train state of one run (every process calls it; Orbax coordinates).
+
+  Args:
+    directory: WORKDIR/checkpoints.
+    keep: how many of the newest checkpoints to keep.
+  """
+
+  def __init__(self, directory: str, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True),
+      item_names=("state", "meta"),
+    )
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Every saved step, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Writes a checkpoint of `state` (a pytree of arrays) at `step`; asynchronous.
+
+    Args:
+      step: the number of train steps taken.
+      state: the train state pytree.
+      meta: JSON-serialisable facts (data position, config).
+    """
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Reads the checkpoint at `step`.
+
+    Args:
+      step: a saved step.
+      abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) like the saved state;
+        the restored arrays take its structure, dtypes and shardings.
+
+    Returns:
+      (state, meta).
+    """
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
+    return restored["state"], dict(restored["meta"])
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest readable checkpoint, falling back to older ones with a warning.
+
+    Returns:
+      (state, meta), or None when the directory holds no checkpoint.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
+        logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+    if steps:
+      raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps})")
+    return None
+
+  def wait(self) -> None:
+    """Blocks until every pending save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """A pytree of ShapeDtypeStruct (keeping shardings) for `tree`, for restoring into."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )

@@ -1,0 +1,255 @@
+"""Building blocks of the DDPM U-Net: timestep embedding, ResBlock, self-attention, resampling.
+
+The layers follow the original DDPM design (Ho et al. 2020): GroupNorm + swish, weights drawn by
+variance scaling (fan_avg, uniform), zero biases, and the last layer of every residual branch
+initialised to zero, so each ResBlock and attention block starts out as the identity.
+
+Layers take activations `[B, H, W, C]` in the compute dtype `dtype`; parameters are always float32.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The original code initialises every kernel with variance scaling of scale 1 over the average of
+# fan-in and fan-out (uniform), which differs from Flax's default lecun_normal.
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zeros_init = nn.initializers.zeros
+
+# GroupNorm epsilon of the original (tf.contrib group_norm).
+_GROUPNORM_EPS = 1e-6
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer and DDPM.
+
+  Component i < dim // 2 is sin(t * f_i) and component dim // 2 + i is cos(t * f_i), with
+  frequencies f_i = 10000 ** (-i / (dim // 2 - 1)) from 1 down to 1 / 10000. An odd `dim` gets a
+  trailing zero column.
+
+  Args:
+    t: [B] int or float timesteps, typically in [0, num_timesteps).
+    dim: embedding width, >= 2.
+
+  Returns:
+    [B, dim] float32 embedding with entries in [-1, 1].
+  """
+  half = dim // 2
+  # max(.., 1) keeps dim in {2, 3} defined (a single frequency of 1).
+  log_step = math.log(10_000) / max(half - 1, 1)
+  freqs = jnp.exp(-log_step * jnp.arange(half, dtype=jnp.float32))
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(num_groups: int, dtype, name: str) -> nn.GroupNorm:
+  """GroupNorm over the last axis with the original's epsilon; float32 scale and bias.
+
+  Args:
+    num_groups: groups; must divide the channel count of the input.
+    dtype: compute dtype of the output.
+    name: submodule name.
+
+  Returns:
+    The (unbound) GroupNorm module; [B, H, W, C] -> [B, H, W, C].
+  """
+  # Flax computes the group statistics in float32 even for a bfloat16 compute dtype.
+  return nn.GroupNorm(
+    num_groups=num_groups, epsilon=_GROUPNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name
+  )
+
+
+def conv3x3(features: int, dtype, name: str, *, strides: int = 1, zero: bool = False) -> nn.Conv:
+  """3x3 convolution with "SAME" padding, float32 parameters and the original's initialisation.
+
+  Args:
+    features: output channels.
+    dtype: compute dtype.
+    name: submodule name.
+    strides: 1, or 2 to halve the spatial size.
+    zero: zero-initialise the kernel (the last layer of a residual branch).
+
+  Returns:
+    The (unbound) Conv module; [B, H, W, C] -> [B, H / strides, W / strides, features].
+  """
+  # "SAME" padding matches TensorFlow's, including the (0, 1) padding of a stride-2 conv on even
+  # sizes that the original downsampling relies on.
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(strides, strides),
+    padding="SAME",
+    kernel_init=zeros_init if zero else default_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
+
+
+def dense(features: int, dtype, name: str, *, zero: bool = False) -> nn.Dense:
+  """Dense layer over the last axis with float32 parameters and the original's initialisation.
+
+  Args:
+    features: output width.
+    dtype: compute dtype.
+    name: submodule name.
+    zero: zero-initialise the kernel (the last layer of a residual branch).
+
+  Returns:
+    The (unbound) Dense module; [..., C] -> [..., features].
+  """
+  # On [B, H, W, C] a Dense over the last axis is the original's 1x1 "NIN" layer.
+  return nn.Dense(
+    features,
+    kernel_init=zeros_init if zero else default_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
+
+
+class ResBlock(nn.Module):
+  """Residual block with a timestep-embedding bias.
+
+  GroupNorm -> swish -> conv3x3 -> + Dense(swish(temb)) -> GroupNorm -> swish -> dropout ->
+  conv3x3 (zero-initialised), added to the input (through a 1x1 NIN projection when the channel
+  count changes).
+
+  Attributes:
+    out_channels: output channels; None keeps the input's.
+    dropout: dropout rate in [0, 1), applied only with train=True.
+    num_groups: GroupNorm groups; must divide the input and output channels.
+    dtype: compute dtype.
+  """
+
+  out_channels: int | None = None
+  dropout: float = 0.0
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in] activations.
+      temb: [B, D] timestep embedding (the output of the U-Net's embedding MLP, before swish).
+      train: enables dropout; then the "dropout" rng stream is required.
+
+    Returns:
+      [B, H, W, out_channels] activations in `dtype`.
+    """
+    out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
+    h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+    h = conv3x3(out_channels, self.dtype, "conv1")(h)
+    # The embedding MLP ends in a linear layer; each block applies the swish itself.
+    h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+    h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+    h = conv3x3(out_channels, self.dtype, "conv2", zero=True)(h)
+    if x.shape[-1] != out_channels:
+      x = dense(out_channels, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over all spatial positions, with a residual connection.
+
+  GroupNorm -> q, k, v (1x1 projections) -> softmax(q k^T / sqrt(d_head)) v per head ->
+  1x1 output projection (zero-initialised) -> added to the input. With one head this is the
+  original DDPM attention block.
+
+  Attributes:
+    num_heads: attention heads; must divide the channel count.
+    num_groups: GroupNorm groups; must divide the channel count.
+    dtype: compute dtype; the softmax runs in float32.
+  """
+
+  num_heads: int = 1
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C] activations.
+
+    Returns:
+      [B, H, W, C] activations in `dtype`.
+    """
+    b, height, width, c = x.shape
+    head_dim = c // self.num_heads
+    h = group_norm(self.num_groups, self.dtype, "norm")(x)
+
+    def project(name):
+      y = dense(c, self.dtype, name)(h)
+      return y.reshape(b, height * width, self.num_heads, head_dim)
+
+    q, k, v = project("q"), project("k"), project("v")
+    # Logits accumulate in float32 so that a bfloat16 compute dtype does not flatten the softmax.
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+    return x + dense(c, self.dtype, "proj_out", zero=True)(out)
+
+
+class Downsample(nn.Module):
+  """Halves the spatial size: a stride-2 3x3 conv, or 2x2 average pooling.
+
+  Attributes:
+    with_conv: use the convolution (True, the original's setting) instead of pooling.
+    dtype: compute dtype.
+  """
+
+  with_conv: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Downsamples.
+
+    Args:
+      x: [B, H, W, C] activations with even H and W.
+
+    Returns:
+      [B, H / 2, W / 2, C] activations.
+    """
+    if self.with_conv:
+      return conv3x3(x.shape[-1], self.dtype, "conv", strides=2)(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles the spatial size: nearest-neighbour x2, then a 3x3 conv.
+
+  Attributes:
+    with_conv: apply the convolution after the resize (True, the original's setting).
+    dtype: compute dtype.
+  """
+
+  with_conv: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Upsamples.
+
+    Args:
+      x: [B, H, W, C] activations.
+
+    Returns:
+      [B, 2H, 2W, C] activations.
+    """
+    # Repeating rows and columns is exactly the original's nearest-neighbour x2 resize (with
+    # align_corners, which for a factor of 2 rounds every output pixel to its source pixel).
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = conv3x3(x.shape[-1], self.dtype, "conv")(x)
+    return x

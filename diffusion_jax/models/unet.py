@@ -1,0 +1,236 @@
+"""The DDPM U-Net noise predictor (Ho et al. 2020, the original `diffusion_tf/models/unet.py`).
+
+With the CIFAR-10 setting (channels 128, channel_mult (1, 2, 2, 2), 2 res blocks, attention at
+16x16, 32x32x3 input, 3 output channels) the model has exactly `CIFAR10_NUM_PARAMS` = 35,746,307
+parameters, the paper's 35.7M and the same count as the original code.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+CIFAR10_NUM_PARAMS = 35_746_307
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Hyper-parameters of the U-Net (the fields of the config's `model` section, less `name`).
+
+  Attributes:
+    channels: base width; level i has channels * channel_mult[i] channels.
+    channel_mult: one width multiplier per resolution level; the input is halved between levels.
+    num_res_blocks: ResBlocks per level on the down path (the up path has one more).
+    attn_resolutions: feature-map heights (pixels) after whose ResBlocks self-attention is added.
+    num_heads: attention heads.
+    dropout: dropout rate in [0, 1) inside the ResBlocks.
+    num_groups: GroupNorm groups; must divide every level's width.
+    resamp_with_conv: convolutions in the down/up-sampling layers (else average pooling / plain
+      nearest-neighbour resizing).
+    out_channels: channels of the output.
+    dtype: compute dtype name ("float32", "bfloat16", "float16"); parameters stay float32.
+  """
+
+  channels: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  num_heads: int = 1
+  dropout: float = 0.1
+  num_groups: int = 32
+  resamp_with_conv: bool = True
+  out_channels: int = 3
+  dtype: str = "float32"
+
+
+def unet_config_from(model_config: Any) -> UNetConfig:
+  """Turns the config's `model` section into a validated `UNetConfig`.
+
+  Args:
+    model_config: a `UNetConfig`, a mapping, or any object with the fields as attributes (such as an
+      ml_collections ConfigDict). Missing fields take the `UNetConfig` defaults; `name` and unknown
+      fields are ignored here.
+
+  Returns:
+    The frozen `UNetConfig`.
+
+  Raises:
+    ValueError: a field has an invalid value (the message names the field).
+  """
+  if isinstance(model_config, UNetConfig):
+    config = model_config
+  else:
+    defaults = UNetConfig()
+
+    def get(name):
+      default = getattr(defaults, name)
+      if isinstance(model_config, Mapping):
+        return model_config.get(name, default)
+      return getattr(model_config, name, default)
+
+    dtype = get("dtype")
+    try:
+      dtype = jnp.dtype(dtype).name
+    except TypeError as e:
+      raise ValueError(f"model.dtype={dtype!r} is not a dtype; use one of {_DTYPES}.") from e
+    config = UNetConfig(
+      channels=int(get("channels")),
+      channel_mult=tuple(int(m) for m in get("channel_mult")),
+      num_res_blocks=int(get("num_res_blocks")),
+      attn_resolutions=tuple(int(r) for r in get("attn_resolutions")),
+      num_heads=int(get("num_heads")),
+      dropout=float(get("dropout")),
+      num_groups=int(get("num_groups")),
+      resamp_with_conv=bool(get("resamp_with_conv")),
+      out_channels=int(get("out_channels")),
+      dtype=dtype,
+    )
+  _check_fields(config)
+  return config
+
+
+def _check_fields(config: UNetConfig) -> None:
+  """Checks what does not depend on the image size; raises a one-line ValueError."""
+  if config.dtype not in _DTYPES:
+    raise ValueError(f"model.dtype={config.dtype!r} is not supported; use one of {_DTYPES}.")
+  if not config.channel_mult or min(config.channel_mult) < 1:
+    raise ValueError(
+      f"model.channel_mult={config.channel_mult} must be a non-empty tuple of positive integers, "
+      "e.g. (1, 2, 2, 2)."
+    )
+  for field in ("channels", "num_heads", "num_groups", "out_channels"):
+    if getattr(config, field) < 1:
+      raise ValueError(f"model.{field}={getattr(config, field)} must be a positive integer.")
+  if config.num_res_blocks < 0:
+    raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 0.")
+  if not 0.0 <= config.dropout < 1.0:
+    raise ValueError(f"model.dropout={config.dropout} must be in [0, 1).")
+  for level, mult in enumerate(config.channel_mult):
+    width = config.channels * mult
+    if width % config.num_groups:
+      raise ValueError(
+        f"model.num_groups={config.num_groups} does not divide {width} = model.channels * "
+        f"model.channel_mult[{level}] ({config.channels} * {mult}); choose model.num_groups "
+        "dividing every level's width, or change model.channels / model.channel_mult."
+      )
+
+
+def check_image_size(config: UNetConfig, height: int, width: int | None = None) -> None:
+  """Checks that the U-Net can use an input of this size.
+
+  Args:
+    config: the model hyper-parameters.
+    height: input height in pixels.
+    width: input width in pixels; None means square.
+
+  Raises:
+    ValueError: one line naming `data.image_size` (or `model.num_heads`) and the fix.
+  """
+  factor = 2 ** (len(config.channel_mult) - 1)
+  for size in (height, height if width is None else width):
+    if size < 1 or size % factor:
+      raise ValueError(
+        f"data.image_size={size} cannot be halved {len(config.channel_mult) - 1} times by the "
+        f"U-Net: use a multiple of {factor} (e.g. {max(factor, size // factor * factor)}), or "
+        f"fewer levels in model.channel_mult={config.channel_mult}."
+      )
+  # Attention runs at the listed resolutions and always in the middle (last level).
+  last = len(config.channel_mult) - 1
+  for level, mult in enumerate(config.channel_mult):
+    width_channels = config.channels * mult
+    has_attn = level == last or height // 2**level in config.attn_resolutions
+    if has_attn and width_channels % config.num_heads:
+      raise ValueError(
+        f"model.num_heads={config.num_heads} does not divide the {width_channels} channels "
+        f"of the attention at {height // 2**level}x{height // 2**level}; choose a divisor."
+      )
+
+
+class UNet(nn.Module):
+  """The DDPM U-Net: eps_theta(x_t, t).
+
+  conv_in -> down path (per level: num_res_blocks ResBlocks, each followed by attention at the
+  attention resolutions, then a Downsample except at the last level) -> middle (ResBlock,
+  attention, ResBlock) -> up path (per level, reversed: num_res_blocks + 1 ResBlocks on the
+  concatenation with a skip from the down path, attention likewise, then an Upsample except at
+  level 0) -> GroupNorm -> swish -> conv_out (zero-initialised). The timestep enters every
+  ResBlock through a sinusoidal embedding of width `channels` and a 2-layer MLP of width
+  4 * channels.
+
+  Attributes:
+    config: the hyper-parameters.
+  """
+
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    """Predicts the model output for noisy images.
+
+    Args:
+      x: [B, H, W, C] float noisy images, roughly in [-1, 1]; H and W divisible by
+        2 ** (len(channel_mult) - 1).
+      t: [B] int32 or float32 timesteps (fractional values are fine, e.g. for continuous-time
+        samplers).
+      train: enables dropout; then `apply` needs `rngs={"dropout": key}`.
+
+    Returns:
+      [B, H, W, out_channels] float32 output (eps for the eps-parameterization); exactly zero at
+      initialisation.
+    """
+    cfg = self.config
+    chex.assert_rank(x, 4)
+    batch, height, width, _ = x.shape
+    check_image_size(cfg, height, width)
+    chex.assert_shape(t, (batch,))
+    dtype = jnp.dtype(cfg.dtype)
+
+    temb = layers.timestep_embedding(t, cfg.channels)
+    temb = layers.dense(4 * cfg.channels, dtype, "temb_dense0")(temb)
+    temb = layers.dense(4 * cfg.channels, dtype, "temb_dense1")(nn.swish(temb))
+
+    def res_block(h, out_channels, name):
+      block = layers.ResBlock(out_channels, cfg.dropout, cfg.num_groups, dtype, name=name)
+      return block(h, temb, train=train)
+
+    def attn_block(h, name):
+      return layers.AttnBlock(cfg.num_heads, cfg.num_groups, dtype, name=name)(h)
+
+    num_levels = len(cfg.channel_mult)
+    # Down path; `skips` collects every output that the up path concatenates back in.
+    skips = [layers.conv3x3(cfg.channels, dtype, "conv_in")(x)]
+    for level, mult in enumerate(cfg.channel_mult):
+      for i in range(cfg.num_res_blocks):
+        h = res_block(skips[-1], cfg.channels * mult, f"down_{level}_block_{i}")
+        if h.shape[1] in cfg.attn_resolutions:
+          h = attn_block(h, f"down_{level}_attn_{i}")
+        skips.append(h)
+      if level != num_levels - 1:
+        down = layers.Downsample(cfg.resamp_with_conv, dtype, name=f"down_{level}_downsample")
+        skips.append(down(skips[-1]))
+
+    h = res_block(skips[-1], None, "mid_block_1")
+    h = attn_block(h, "mid_attn_1")
+    h = res_block(h, None, "mid_block_2")
+
+    for level in reversed(range(num_levels)):
+      for i in range(cfg.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(h, cfg.channels * cfg.channel_mult[level], f"up_{level}_block_{i}")
+        if h.shape[1] in cfg.attn_resolutions:
+          h = attn_block(h, f"up_{level}_attn_{i}")
+      if level != 0:
+        h = layers.Upsample(cfg.resamp_with_conv, dtype, name=f"up_{level}_upsample")(h)
+    assert not skips, "every down-path output must be consumed by the up path"
+
+    h = nn.swish(layers.group_norm(cfg.num_groups, dtype, "norm_out")(h))
+    h = layers.conv3x3(cfg.out_channels, dtype, "conv_out", zero=True)(h)
+    return h.astype(jnp.float32)
