@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True  # Convolutions in the down/up-sampling layers.
   model.out_channels = 3  # Channels predicted (eps has as many as the image).
   model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  model.patch_size = 1  # >1: fold p x p pixel patches into channels first (1/p**2 of the compute).
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -64,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 100  # Steps between metrics.jsonl / TensorBoard records.
   train.checkpoint_every = 5000
   train.sample_every = 50_000  # Steps between sample grids (0: only at the end).
-  train.num_grid_samples = 64  # Images in each training-time sample grid.
+  train.num_grid_samples = 64  # Images in each training-time sample grid; 0: no grids.
   train.keep_checkpoints = 3  # The newest ones kept.
   train.progress = True  # A progress bar with steps/s and ETA on the terminal.
 

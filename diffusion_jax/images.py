@@ -7,19 +7,6 @@ import numpy as np
 from PIL import Image
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """Model-range images to pixels.
-
-  Args:
-    x: [..., H, W, C] float in [-1, 1] (values outside are clipped).
-
-  Returns:
-    uint8 [..., H, W, C] in [0, 255], round(127.5 (x + 1)).
-  """
-  x = np.asarray(x, dtype=np.float32)
-  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
   """Tiles images into one picture, row by row, with `pad` dark pixels between them.
 

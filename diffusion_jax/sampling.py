@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import images, parallel, samplers
+from diffusion_jax import data, images, parallel, samplers
 from diffusion_jax.schedules import Schedule
 
 
@@ -50,7 +50,7 @@ def make_sample_fn(
       first_index=first_index,
       **sampler_options,
     )
-    return jax.numpy.clip(jax.numpy.rint((x0 + 1.0) * 127.5), 0, 255).astype(jax.numpy.uint8)
+    return data.denormalize_images(x0)
 
   return jax.jit(
     sample_fn,

@@ -55,7 +55,10 @@ def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> Schedul
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam with linear warm-up to a constant learning rate, after global-norm clipping."""
-  lr = optax.linear_schedule(0.0, train_config.learning_rate, max(train_config.warmup_steps, 1))
+  if train_config.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps)
+  else:
+    lr = optax.constant_schedule(train_config.learning_rate)
   adam = optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
   if train_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adam)
@@ -63,8 +66,10 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
 
 
 def learning_rate(train_config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-  warmup = max(train_config.warmup_steps, 1)
-  return train_config.learning_rate * jnp.minimum(step / warmup, 1.0)
+  """The learning rate `make_optimizer` applies at `step` (0-based)."""
+  if train_config.warmup_steps <= 0:
+    return jnp.asarray(train_config.learning_rate, jnp.float32)
+  return train_config.learning_rate * jnp.minimum(step / train_config.warmup_steps, 1.0)
 
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -149,8 +154,8 @@ def train_step(
   )
   metrics = {
     "loss": loss,
-    "grad_norm": optax.global_norm(grads),
-    "param_norm": optax.global_norm(params),
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(params),
     "lr": learning_rate(train_config, state.step).astype(jnp.float32),
   }
   return new_state, metrics
@@ -313,9 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
       if save_now:
         store.save(step, flax.serialization.to_state_dict(state), _meta(config, step))
-      if sample_now or is_last:
+      if (sample_now or is_last) and train_config.num_grid_samples > 0:
         sample_fn = sample_fn or run.sample_fn()
-        progress.write(f"sampling {train_config.num_grid_samples} images at step {step}")
+        _say(progress, f"sampling {train_config.num_grid_samples} images at step {step}")
         samples = sampling.generate(
           sample_fn,
           state.ema_params,
@@ -324,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           config.sample.batch_size,
         )
         png, _ = sampling.write_samples(workdir, f"step_{step:07d}", samples)
-        progress.write(f"wrote {png}")
+        _say(progress, f"wrote {png}")
   finally:
     progress.close()
     store.close()
@@ -332,6 +337,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step == start_step:
     logging.info("nothing to do: the checkpoint is at step %d >= train.num_steps", start_step)
   return last
+
+
+def _say(progress: tqdm.tqdm, message: str) -> None:
+  """Prints a line above the progress bar, on process 0 only."""
+  if jax.process_index() == 0:
+    progress.write(message)
 
 
 def _meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
@@ -349,9 +360,10 @@ def sample_from_checkpoint(
     (png path, npz path, uint8 samples [N, H, W, C]).
   """
   run = make_run(config)
-  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  if store.latest_step() is None:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
+  store = checkpoints.CheckpointStore(directory)
   state = restore_or_init(run, store)
   store.close()
   step = int(state.step)

@@ -111,6 +111,8 @@ def _num_params(tree):
       1,
     ),
     ({"dtype": "bfloat16"}, 8, 3),
+    # 2x2 patches folded into channels: the U-Net runs at 8x8 and still returns 16x16.
+    ({"patch_size": 2}, 16, 3),
   ],
 )
 def test_output_shape_and_dtype(overrides, size, in_channels):
@@ -309,6 +311,8 @@ def test_batch_independence():
     ({"num_groups": 12}, 32, ("model.num_groups",)),
     ({"name": "dit"}, 32, ("model.name", "unet")),
     ({"dtype": "int8"}, 32, ("model.dtype",)),
+    ({"patch_size": 3}, 32, ("data.image_size", "model.patch_size")),
+    ({"patch_size": 0}, 32, ("model.patch_size",)),
   ],
 )
 def test_bad_config_errors(overrides, image_size, fields):
@@ -341,3 +345,14 @@ def test_models_package_imports_no_training_libraries():
     "if m in sys.modules]; assert not bad, bad"
   )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_space_to_depth_layout_and_inverse():
+  x = jnp.arange(2 * 6 * 4 * 3, dtype=jnp.float32).reshape(2, 6, 4, 3)
+  folded = layers.space_to_depth(x, 2)
+  assert folded.shape == (2, 3, 2, 12)
+  # Channel block (r, c) of patch (i, j) is the pixel (2i + r, 2j + c), all its channels.
+  for i, j, r, c in [(0, 0, 0, 0), (1, 1, 1, 0), (2, 0, 0, 1), (2, 1, 1, 1)]:
+    start = (2 * r + c) * 3
+    np.testing.assert_array_equal(folded[:, i, j, start : start + 3], x[:, 2 * i + r, 2 * j + c])
+  np.testing.assert_array_equal(layers.depth_to_space(folded, 2), x)

@@ -47,6 +47,29 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return emb
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """Folds each p x p patch of pixels into the channels.
+
+  Args:
+    x: [B, H, W, C] with H and W divisible by p.
+    p: patch size.
+
+  Returns:
+    [B, H/p, W/p, p*p*C]; out[b, i, j] holds x[b, p*i : p*i+p, p*j : p*j+p] in row-major order
+    (patch row, patch column, channel).
+  """
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of `space_to_depth`: [B, H, W, p*p*C] -> [B, H*p, W*p, C]."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 def group_norm(num_groups: int, dtype, name: str) -> nn.GroupNorm:
   """GroupNorm over the last axis with the original's epsilon; float32 scale and bias.
 

@@ -37,6 +37,10 @@ class UNetConfig:
       nearest-neighbour resizing).
     out_channels: channels of the output.
     dtype: compute dtype name ("float32", "bfloat16", "float16"); parameters stay float32.
+    patch_size: p > 1 folds each p x p pixel patch into channels before the first layer
+      (space-to-depth) and unfolds the output the same way, so the U-Net runs at 1/p of the
+      resolution for about 1/p**2 of the compute; attn_resolutions then refer to the folded
+      feature maps. 1 (the original design) leaves the input as it is.
   """
 
   channels: int = 128
@@ -49,6 +53,7 @@ class UNetConfig:
   resamp_with_conv: bool = True
   out_channels: int = 3
   dtype: str = "float32"
+  patch_size: int = 1
 
 
 def unet_config_from(model_config: Any) -> UNetConfig:
@@ -92,6 +97,7 @@ def unet_config_from(model_config: Any) -> UNetConfig:
       resamp_with_conv=bool(get("resamp_with_conv")),
       out_channels=int(get("out_channels")),
       dtype=dtype,
+      patch_size=int(get("patch_size")),
     )
   _check_fields(config)
   return config
@@ -106,7 +112,7 @@ def _check_fields(config: UNetConfig) -> None:
       f"model.channel_mult={config.channel_mult} must be a non-empty tuple of positive integers, "
       "e.g. (1, 2, 2, 2)."
     )
-  for field in ("channels", "num_heads", "num_groups", "out_channels"):
+  for field in ("channels", "num_heads", "num_groups", "out_channels", "patch_size"):
     if getattr(config, field) < 1:
       raise ValueError(f"model.{field}={getattr(config, field)} must be a positive integer.")
   if config.num_res_blocks < 0:
@@ -134,16 +140,18 @@ def check_image_size(config: UNetConfig, height: int, width: int | None = None) 
   Raises:
     ValueError: one line naming `data.image_size` (or `model.num_heads`) and the fix.
   """
-  factor = 2 ** (len(config.channel_mult) - 1)
+  factor = 2 ** (len(config.channel_mult) - 1) * config.patch_size
   for size in (height, height if width is None else width):
     if size < 1 or size % factor:
       raise ValueError(
         f"data.image_size={size} cannot be halved {len(config.channel_mult) - 1} times by the "
-        f"U-Net: use a multiple of {factor} (e.g. {max(factor, size // factor * factor)}), or "
-        f"fewer levels in model.channel_mult={config.channel_mult}."
+        f"U-Net (after patches of model.patch_size={config.patch_size}): use a multiple of "
+        f"{factor} (e.g. {max(factor, size // factor * factor)}), or fewer levels in "
+        f"model.channel_mult={config.channel_mult}."
       )
   # Attention runs at the listed resolutions and always in the middle (last level).
   last = len(config.channel_mult) - 1
+  height //= config.patch_size
   for level, mult in enumerate(config.channel_mult):
     width_channels = config.channels * mult
     has_attn = level == last or height // 2**level in config.attn_resolutions
@@ -192,6 +200,9 @@ class UNet(nn.Module):
     check_image_size(cfg, height, width)
     chex.assert_shape(t, (batch,))
     dtype = jnp.dtype(cfg.dtype)
+    p = cfg.patch_size
+    if p > 1:
+      x = layers.space_to_depth(x, p)
 
     temb = layers.timestep_embedding(t, cfg.channels)
     temb = layers.dense(4 * cfg.channels, dtype, "temb_dense0")(temb)
@@ -232,5 +243,7 @@ class UNet(nn.Module):
     assert not skips, "every down-path output must be consumed by the up path"
 
     h = nn.swish(layers.group_norm(cfg.num_groups, dtype, "norm_out")(h))
-    h = layers.conv3x3(cfg.out_channels, dtype, "conv_out", zero=True)(h)
+    h = layers.conv3x3(cfg.out_channels * p * p, dtype, "conv_out", zero=True)(h)
+    if p > 1:
+      h = layers.depth_to_space(h, p)
     return h.astype(jnp.float32)

@@ -1,0 +1,207 @@
+"""Speed of the train step and of one sampling network call, against the machine's matmul peak.
+
+Run from the repository root:
+  python benchmarks/train_step.py                    # the CIFAR-10 network, 35,746,307 parameters
+  python benchmarks/train_step.py --config=shapes    # the small network
+  python benchmarks/train_step.py --batch_sizes=32,128 --sample_batch=256 --repeats=20
+
+Prints a Markdown table for benchmarks/RESULTS.md and the command line to stdout; progress goes to
+stderr. The train step is `train.train_step` jitted as train.py jits it (state donated, batch
+sharded over the mesh), fed synthetic uint8 images; the sampling row is one U-Net apply with
+train=False, the unit every reverse step repeats. Times are the median (min-max) of --repeats
+calls after --warmup untimed ones. FLOPs are XLA's count for the compiled program
+(`cost_analysis`, per device), compared with a float32 matmul timed in the same process at JAX's
+default matmul precision, the one the model's convolutions and dense layers use.
+"""
+
+import importlib
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffusion_jax import parallel, rng, train  # noqa: E402
+
+_CONFIGS = ("cifar10", "shapes")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "cifar10", _CONFIGS, "Config whose network is measured (configs/).")
+flags.DEFINE_list("batch_sizes", ["8", "32"], "Global batch sizes of the train step.")
+flags.DEFINE_integer("sample_batch", 64, "Batch of the sampling network call.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per measurement; the median is reported.")
+flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling, before the timed ones.")
+flags.DEFINE_integer("matmul_size", 4096, "N of the N x N float32 matmul giving the peak.")
+
+
+def _compile(jitted, *args):
+  """(compiled, seconds to lower and compile) for `jitted` at the shapes of `args`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _timed(call, warmup: int, repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls of `call` (which blocks) after `warmup` untimed ones."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # Older jax: one dict per HLO module.
+    cost = cost[0] if cost else None
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _row(name, batch, compile_s, times, flops) -> dict:
+  return dict(name=name, batch=batch, compile_s=compile_s, times=times, flops=flops)
+
+
+def matmul_peak(n: int, warmup: int, repeats: int) -> dict:
+  """The float32 [n, n] @ [n, n] matmul: 2 n^3 FLOPs per call."""
+  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+  compiled, compile_s = _compile(jax.jit(jnp.matmul), a, b)
+  times = _timed(lambda: jax.block_until_ready(compiled(a, b)), warmup, repeats)
+  return _row(f"float32 matmul {n}x{n}", None, compile_s, times, 2.0 * n**3)
+
+
+def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
+  """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state)."""
+  parallel.check_batch_size(batch_size, run.mesh)
+  step_fn = jax.jit(
+    lambda state, batch, key: train.train_step(
+      state,
+      batch,
+      key,
+      model=run.model,
+      schedule=run.schedule,
+      tx=run.tx,
+      train_config=run.config.train,
+    ),
+    donate_argnums=(0,),
+    in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),
+    out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
+  )
+  images = np.random.default_rng(batch_size).integers(
+    0, 256, (batch_size, *run.image_shape), dtype=np.uint8
+  )
+  batch = parallel.put_batch({"image": images}, run.mesh)
+  train_key = rng.stream_key(run.config.seed, rng.TRAIN)
+  compiled, compile_s = _compile(step_fn, state, batch, train_key)
+
+  def step():
+    nonlocal state
+    state, metrics = compiled(state, batch, train_key)
+    jax.block_until_ready((state, metrics))
+
+  times = _timed(step, warmup, repeats)
+  return _row("train step", batch_size, compile_s, times, _flops(compiled)), state
+
+
+def bench_sample_call(run, params, batch_size: int, warmup: int, repeats: int) -> dict:
+  """Times one jitted U-Net apply with train=False, as each reverse step makes it."""
+  parallel.check_batch_size(batch_size, run.mesh, field="--sample_batch")
+  apply_fn = jax.jit(
+    lambda params, x_t, t: run.model.apply({"params": params}, x_t, t, train=False),
+    in_shardings=(parallel.replicated(run.mesh), *[parallel.batch_sharded(run.mesh)] * 2),
+  )
+  np_rng = np.random.default_rng(0)
+  inputs = parallel.put_batch(
+    {
+      "x_t": np_rng.standard_normal((batch_size, *run.image_shape), dtype=np.float32),
+      "t": np_rng.integers(0, run.schedule.num_timesteps, (batch_size,), dtype=np.int32),
+    },
+    run.mesh,
+  )
+  compiled, compile_s = _compile(apply_fn, params, inputs["x_t"], inputs["t"])
+  call = lambda: jax.block_until_ready(compiled(params, inputs["x_t"], inputs["t"]))
+  times = _timed(call, warmup, repeats)
+  return _row("sampling network call", batch_size, compile_s, times, _flops(compiled))
+
+
+def _num(x: float) -> str:
+  """`x` with at least 3 significant digits and no exponent: 0.682, 23.3, 12215."""
+  digits = max(0, 2 - math.floor(math.log10(abs(x)))) if x else 0
+  return f"{x:.{digits}f}"
+
+
+def _range(values: list[float]) -> str:
+  """The median (min–max) of `values`."""
+  return f"{_num(statistics.median(values))} ({_num(min(values))}–{_num(max(values))})"
+
+
+def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
+  lines = [
+    "| measurement | batch | compile (s) | ms / call | images / s | GFLOP / call | GFLOP/s "
+    "| % of matmul peak |",
+    "|---|--:|--:|--:|--:|--:|--:|--:|",
+  ]
+  for row in rows:
+    times, batch, flops = row["times"], row["batch"], row["flops"]
+    achieved = flops / statistics.median(times)
+    lines.append(
+      f"| {row['name']} | {batch or '–'} | {row['compile_s']:.1f} "
+      f"| {_range([1e3 * t for t in times])} "
+      f"| {_range([batch / t for t in times]) if batch else '–'} "
+      f"| {flops / 1e9:.1f} | {achieved / 1e9:.0f} | {100 * achieved / peak_flops_per_s:.1f} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
+  config.sample.batch_size = FLAGS.sample_batch
+  run = train.make_run(config)
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+
+  log(f"matmul peak ({FLAGS.matmul_size}x{FLAGS.matmul_size} float32)")
+  peak = matmul_peak(FLAGS.matmul_size, FLAGS.warmup, FLAGS.repeats)
+  peak_flops_per_s = peak["flops"] / statistics.median(peak["times"])
+
+  init = jax.jit(
+    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    out_shardings=parallel.replicated(run.mesh),
+  )
+  state = init(rng.stream_key(config.seed, rng.INIT))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  rows = []
+  for batch_size in batch_sizes:
+    log(f"train step, batch {batch_size}")
+    row, state = bench_train_step(run, state, batch_size, FLAGS.warmup, FLAGS.repeats)
+    rows.append(row)
+  log(f"sampling network call, batch {FLAGS.sample_batch}")
+  rows.append(
+    bench_sample_call(run, state.ema_params, FLAGS.sample_batch, FLAGS.warmup, FLAGS.repeats)
+  )
+  rows.append(peak)
+
+  device = jax.devices()[0]
+  print(
+    f"**{FLAGS.config}** network, {num_params:,} parameters, on {device.device_kind} "
+    f"({device.platform}, {jax.device_count()} device(s)); jax {jax.__version__}; "
+    f"{os.cpu_count()} CPUs. Median (min–max) of {FLAGS.repeats} timed calls after "
+    f"{FLAGS.warmup} warm-up call(s); compile = lower + compile.\n"
+  )
+  print(format_table(rows, peak_flops_per_s))
+  print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
+
+
+if __name__ == "__main__":
+  app.run(main)

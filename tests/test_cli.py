@@ -1,0 +1,168 @@
+"""Tests of the command line, main.py: one-line errors for bad input, and a train + sample run."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax import images
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "main.py")
+TIMEOUT_S = 300
+
+
+def cli_env(**extra):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def start(args, env):
+  return subprocess.Popen(
+    [sys.executable, MAIN, *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def finish(process):
+  stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def override_flags(overrides):
+  return [f"--config.{name}={value!r}" for name, value in overrides.items()]
+
+
+# ---------------------------------------------------------------- bad input
+
+# name -> (arguments, extra environment, text the error line must contain).
+# Each fails before anything is compiled, so the processes run side by side.
+ERROR_CASES = {
+  "unknown_dataset": (
+    ["--config=shapes", "--config.data.dataset=nosuchset"],
+    {},
+    ["data.dataset", "nosuchset", "unknown"],
+  ),
+  "missing_folder": (
+    # The space-separated form of --config is accepted too.
+    ["--config", "shapes", "--config.data.dataset=folder", "--config.data.path=/nonexistent"],
+    {},
+    ["data.path", "/nonexistent"],
+  ),
+  "image_size_not_halvable": (
+    # A path to a config file works like a name.
+    [f"--config={ROOT / 'configs' / 'shapes.py'}", "--config.data.image_size=30"],
+    {},
+    ["data.image_size=30", "multiple of 4"],
+  ),
+  "batch_not_divisible_by_devices": (
+    ["--config=shapes", "--config.train.batch_size=3"],
+    {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    ["train.batch_size=3", "device count 2"],
+  ),
+  "unknown_config": (
+    ["--config=nosuch"],
+    {},
+    ["--config=nosuch", "cifar10", "default", "shapes"],
+  ),
+  "sample_without_checkpoint": (
+    ["--config=shapes", "--mode=sample"],
+    {},
+    ["--workdir=", "no checkpoint"],
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory):
+  """Runs every error case at once; name -> (CompletedProcess, workdir)."""
+  processes = {}
+  for name, (args, extra_env, _) in ERROR_CASES.items():
+    workdir = tmp_path_factory.mktemp(name) / "run"
+    if name == "sample_without_checkpoint":
+      workdir.mkdir()
+    processes[name] = (start([*args, f"--workdir={workdir}"], cli_env(**extra_env)), workdir)
+  return {name: (finish(process), workdir) for name, (process, workdir) in processes.items()}
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_bad_input_is_a_one_line_error(error_runs, name):
+  result, workdir = error_runs[name]
+  expected_text = ERROR_CASES[name][2]
+  assert result.returncode != 0, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = result.stderr.strip().splitlines()
+  errors = [line for line in lines if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr
+  # The message is the last thing printed, on one line.
+  assert lines[-1] == errors[0]
+  for text in expected_text:
+    assert text in errors[0]
+  if name != "sample_without_checkpoint":
+    # Rejected before the run started: nothing was written.
+    assert not workdir.exists()
+
+
+def test_unknown_config_lists_every_config(error_runs):
+  result, _ = error_runs["unknown_config"]
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")][0]
+  names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
+  assert re.search(r"valid: " + ", ".join(names) + r"\b", error), error
+
+
+# ---------------------------------------------------------------- train, then sample
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_overrides, fast_compile_env):
+  """A 2-step training run of the tiny setup, then --mode=sample, both through main.py."""
+  workdir = tmp_path_factory.mktemp("cli") / "run"
+  flags = ["--config=shapes", f"--workdir={workdir}", *override_flags(tiny_overrides)]
+  env = cli_env(**fast_compile_env)
+  trained = finish(start([*flags, "--config.train.num_steps=2"], env))
+  sampled = finish(start([*flags, "--mode=sample"], env))
+  return workdir, trained, sampled
+
+
+def test_train_then_sample(cli_run, tiny_overrides):
+  workdir, trained, sampled = cli_run
+  assert trained.returncode == 0, trained.stderr
+  assert sampled.returncode == 0, sampled.stderr
+
+  with open(workdir / "config.json") as f:
+    config = json.load(f)
+  assert config["train"]["num_steps"] == 2
+  for name, value in tiny_overrides.items():
+    if name == "train.num_steps":
+      continue
+    section, field = name.split(".")
+    assert config[section][field] == (list(value) if isinstance(value, tuple) else value), name
+
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+  size = tiny_overrides["data.image_size"]
+  grid = np.load(workdir / "samples" / "step_0000002.npz")["samples"]
+  assert grid.shape == (tiny_overrides["train.num_grid_samples"], size, size, 3)
+
+  png = workdir / "samples" / "samples_0000002_seed0.png"
+  npz = workdir / "samples" / "samples_0000002_seed0.npz"
+  num = tiny_overrides["sample.num_samples"]
+  assert f"wrote {num} samples: {png} and {npz}" in sampled.stdout
+  samples = np.load(npz)["samples"]
+  assert samples.dtype == np.uint8 and samples.shape == (num, size, size, 3)
+  with Image.open(png) as image:
+    np.testing.assert_array_equal(np.asarray(image), images.make_grid(samples))

@@ -1,0 +1,436 @@
+"""Tests of diffusion_jax.train: the training loop and its files, exact resuming, seeds, the pure
+train step (metrics, warm-up, EMA, per-example keys), sampling from a checkpoint and the stop on
+a non-finite loss."""
+
+import functools
+import json
+import math
+import os
+import shutil
+import types
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax import checkpoints, diffusion, images, rng, train
+from diffusion_jax.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+# ---------------------------------------------------------------- helpers
+
+
+def load_state(config, workdir, step=None):
+  """The TrainState saved in WORKDIR/checkpoints at `step` (default: the latest), on the host."""
+  run = train.make_run(config)
+  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  try:
+    assert store.latest_step() is not None, f"no checkpoint in {workdir}"
+    if step is None:
+      state = train.restore_or_init(run, store)
+    else:
+      abstract = run.abstract_state()
+      state_dict, _ = store.restore(step, flax.serialization.to_state_dict(abstract))
+      state = flax.serialization.from_state_dict(abstract, state_dict)
+  finally:
+    store.close()
+  return jax.device_get(state)
+
+
+def saved_steps(workdir):
+  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  try:
+    return store.all_steps()
+  finally:
+    store.close()
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_bitwise_equal(first, second):
+  """Same tree structure, and every leaf has the same shape, dtype and bytes."""
+  assert jax.tree.structure(first) == jax.tree.structure(second)
+  leaves = jax.tree_util.tree_flatten_with_path(first)[0]
+  for (path, a), b in zip(leaves, jax.tree.leaves(second), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    name = jax.tree_util.keystr(path)
+    assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    assert a.tobytes() == b.tobytes(), f"{name} differs"
+
+
+def trees_equal(first, second):
+  return all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
+  )
+
+
+def read_png(path):
+  with Image.open(path) as image:
+    return np.asarray(image)
+
+
+def read_npz(path):
+  with np.load(path) as f:
+    return f["samples"]
+
+
+def global_norm64(tree):
+  return math.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree)))
+
+
+def warmup_lr(train_config, step):
+  """Linear warm-up from 0 to the learning rate over `warmup_steps`, then constant."""
+  return train_config.learning_rate * min(step / max(train_config.warmup_steps, 1), 1.0)
+
+
+# ---------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="module")
+def reference(fast_compile, tiny_config, tmp_path_factory):
+  """One uninterrupted run of 6 steps (checkpoints and grids at steps 3 and 6)."""
+  config = tiny_config()
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  last = train.train_and_evaluate(config, workdir)
+  return types.SimpleNamespace(config=config, workdir=workdir, last=last)
+
+
+@pytest.fixture(scope="module")
+def resumed(reference, tiny_config, tmp_path_factory):
+  """The reference run's config trained in two calls: to step 3, then on to step 6."""
+  workdir = str(tmp_path_factory.mktemp("resumed"))
+  train.train_and_evaluate(tiny_config({"train.num_steps": 3}), workdir)
+  first_metrics = read_metrics(workdir)
+  first_steps = saved_steps(workdir)
+  train.train_and_evaluate(tiny_config(), workdir)
+  return types.SimpleNamespace(
+    workdir=workdir, first_metrics=first_metrics, first_steps=first_steps
+  )
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def test_train_writes_config_metrics_checkpoints_and_grids(reference):
+  config, workdir = reference.config, reference.workdir
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, config.train.num_steps + 1))
+  for r in records:
+    assert {"step", "loss", "grad_norm", "param_norm", "lr"} <= set(r)
+    assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm", "lr"))
+    # The step taking state.step = s - 1 to s uses the learning rate of s - 1.
+    assert r["lr"] == pytest.approx(warmup_lr(config.train, r["step"] - 1), rel=1e-6)
+  assert reference.last == {k: v for k, v in records[-1].items() if k != "step"}
+
+  assert saved_steps(workdir) == [3, 6]
+  for step in (3, 6):
+    name = os.path.join(workdir, "samples", f"step_{step:07d}")
+    samples = read_npz(name + ".npz")
+    assert samples.dtype == np.uint8
+    assert samples.shape == (config.train.num_grid_samples, 8, 8, 3)
+    np.testing.assert_array_equal(read_png(name + ".png"), images.make_grid(samples))
+
+
+def test_checkpoint_holds_the_trained_state(reference):
+  state = load_state(reference.config, reference.workdir)
+  assert int(state.step) == reference.config.train.num_steps
+  leaves = jax.tree.leaves((state.params, state.ema_params, state.opt_state))
+  assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+  assert global_norm64(state.params) == pytest.approx(reference.last["param_norm"], rel=1e-5)
+  # Steps 4..6 moved the parameters, and the EMA lags behind them.
+  earlier = load_state(reference.config, reference.workdir, step=3)
+  assert not trees_equal(state.params, earlier.params)
+  assert not trees_equal(state.params, state.ema_params)
+
+
+def test_resume_reproduces_the_uninterrupted_run(reference, resumed):
+  assert resumed.first_steps == [3]
+  assert [r["step"] for r in resumed.first_metrics] == [1, 2, 3]
+  assert saved_steps(resumed.workdir) == [3, 6]
+
+  expected = load_state(reference.config, reference.workdir)
+  actual = load_state(reference.config, resumed.workdir)
+  assert int(actual.step) == int(expected.step) == 6
+  assert_bitwise_equal(actual.params, expected.params)
+  assert_bitwise_equal(actual.ema_params, expected.ema_params)
+  assert_bitwise_equal(actual.opt_state, expected.opt_state)
+
+  # Every step is logged once, and the resumed steps 4..6 log exactly the uninterrupted values.
+  records = read_metrics(resumed.workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[3:] == read_metrics(reference.workdir)[3:]
+  # The final grids come from equal EMA parameters and the same sample key.
+  grid = "samples/step_0000006.npz"
+  np.testing.assert_array_equal(
+    read_npz(os.path.join(resumed.workdir, grid)), read_npz(os.path.join(reference.workdir, grid))
+  )
+
+
+def test_same_seed_gives_identical_runs(reference, resumed):
+  # The first half of the resumed run is an independent 3-step run of the same config and seed.
+  expected = load_state(reference.config, reference.workdir, step=3)
+  actual = load_state(reference.config, resumed.workdir, step=3)
+  assert_bitwise_equal(actual, expected)
+  assert resumed.first_metrics == read_metrics(reference.workdir)[:3]
+
+
+def test_different_seed_gives_different_params(reference, tiny_config, tmp_path):
+  # Also checks which steps are logged and saved: the first, the multiples of log_every and the
+  # last; only the last is a multiple of nothing else here, and sample_every=0 samples at the end.
+  config = tiny_config(
+    {
+      "seed": 1,
+      "train.num_steps": 3,
+      "train.log_every": 5,
+      "train.checkpoint_every": 100,
+      "train.sample_every": 0,
+    }
+  )
+  train.train_and_evaluate(config, str(tmp_path))
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [1, 3]
+  assert saved_steps(tmp_path) == [3]
+  assert sorted(os.listdir(tmp_path / "samples")) == ["step_0000003.npz", "step_0000003.png"]
+
+  other = load_state(config, str(tmp_path))
+  same_steps = load_state(reference.config, reference.workdir, step=3)
+  assert int(other.step) == int(same_steps.step) == 3
+  assert not trees_equal(other.params, same_steps.params)
+  assert records[-1]["loss"] != read_metrics(reference.workdir)[2]["loss"]
+
+
+# ---------------------------------------------------------------- the train step
+
+
+@pytest.fixture(scope="module")
+def step_setup(reference, tiny_config, tmp_path_factory):
+  """A jitted train step of the tiny model with dropout, a trained and a fresh state, a batch."""
+  config = tiny_config({"model.dropout": 0.1})
+  run = train.make_run(config)
+  step_fn = jax.jit(
+    functools.partial(
+      train.train_step, model=run.model, schedule=run.schedule, tx=run.tx, train_config=config.train
+    )
+  )
+  empty = checkpoints.CheckpointStore(str(tmp_path_factory.mktemp("fresh")))
+  fresh = jax.device_get(train.restore_or_init(run, empty))
+  empty.close()
+  trained = load_state(config, reference.workdir, step=3)
+  batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
+  return types.SimpleNamespace(
+    config=config, run=run, step_fn=step_fn, fresh=fresh, trained=trained, batch=batch
+  )
+
+
+def copy_tree(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_train_step_is_pure(step_setup):
+  s = step_setup
+  key = jax.random.key(42)
+  before = jax.device_get(copy_tree(s.trained))
+  first = jax.device_get(s.step_fn(copy_tree(s.trained), copy_tree(s.batch), key))
+  second = jax.device_get(s.step_fn(copy_tree(s.trained), copy_tree(s.batch), key))
+  assert_bitwise_equal(first, second)
+  assert_bitwise_equal(s.trained, before)
+  _, other_metrics = s.step_fn(s.trained, s.batch, jax.random.key(43))
+  assert float(other_metrics["loss"]) != float(first[1]["loss"])
+
+
+def test_train_step_metrics(step_setup):
+  s = step_setup
+  state, metrics = jax.device_get(s.step_fn(s.trained, s.batch, jax.random.key(0)))
+  assert set(metrics) == {"loss", "grad_norm", "param_norm", "lr"}
+  for name, value in metrics.items():
+    assert value.shape == () and value.dtype == np.float32, name
+    assert np.isfinite(value), name
+  assert int(state.step) == int(s.trained.step) + 1
+  assert float(metrics["param_norm"]) == pytest.approx(global_norm64(state.params), rel=1e-5)
+  assert float(metrics["loss"]) > 0 and float(metrics["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 5])
+def test_learning_rate_follows_the_linear_warmup(step_setup, step):
+  s = step_setup
+  state = s.trained.replace(step=np.int32(step))
+  _, metrics = s.step_fn(state, s.batch, jax.random.key(0))
+  expected = warmup_lr(s.config.train, step)
+  assert float(metrics["lr"]) == pytest.approx(expected, rel=1e-6, abs=0.0)
+  assert float(train.learning_rate(s.config.train, jnp.int32(step))) == pytest.approx(expected)
+
+
+def test_first_step_has_zero_learning_rate(step_setup):
+  s = step_setup
+  state, metrics = jax.device_get(s.step_fn(s.fresh, s.batch, jax.random.key(0)))
+  assert float(metrics["lr"]) == 0.0
+  assert float(metrics["grad_norm"]) > 0
+  assert_bitwise_equal(state.params, s.fresh.params)
+  assert not trees_equal(state.opt_state, s.fresh.opt_state)  # the Adam moments did move
+
+
+@pytest.mark.parametrize("start", ["fresh", "trained", "late"])
+def test_ema_is_the_warmed_up_incremental_update(step_setup, start):
+  s = step_setup
+  if start == "fresh":
+    # EMA params start equal to params; scale them so that the update is visible even though
+    # the first step (learning rate 0) leaves the params unchanged.
+    state = s.fresh.replace(ema_params=jax.tree.map(lambda x: x * 0.5, s.fresh.params))
+  elif start == "trained":
+    state = s.trained
+  else:
+    state = s.trained.replace(step=np.int32(100_000))
+  step = int(state.step)
+  decay = min(s.config.train.ema_decay, (1 + step) / (10 + step))
+  assert decay == {"fresh": 0.1, "trained": 4 / 13, "late": s.config.train.ema_decay}[start]
+
+  new_state, _ = jax.device_get(s.step_fn(state, s.batch, jax.random.key(0)))
+  for old_ema, new_params, new_ema in zip(
+    jax.tree.leaves(state.ema_params),
+    jax.tree.leaves(new_state.params),
+    jax.tree.leaves(new_state.ema_params),
+    strict=True,
+  ):
+    expected = decay * np.float64(old_ema) + (1 - decay) * np.float64(new_params)
+    np.testing.assert_allclose(new_ema, expected, rtol=2e-6, atol=1e-7)
+  assert not trees_equal(new_state.ema_params, new_state.params)
+
+
+def test_loss_uses_the_documented_per_example_keys(step_setup):
+  """loss = mean_j simple_loss(x0_j, loss_key_j) with the model's dropout from dropout_key_j,
+  (loss_key_j, dropout_key_j) = split(fold_in(fold_in(train_key, step), j))."""
+  s = step_setup
+  model, schedule = s.run.model, s.run.schedule
+  batch_size = s.batch["image"].shape[0]
+
+  @jax.jit
+  def expected_loss(params, image, loss_keys, dropout_keys):
+    x0 = image.astype(jnp.float32) / 127.5 - 1.0
+    losses = []
+    for j in range(batch_size):
+
+      def denoise_fn(x_t, t, j=j):
+        return model.apply(
+          {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_keys[j]}
+        )
+
+      losses.append(diffusion.simple_loss(schedule, denoise_fn, x0[j : j + 1], loss_keys[j])[0])
+    return jnp.mean(jnp.stack(losses))
+
+  train_key = rng.stream_key(7, rng.TRAIN)
+  # Perturbed parameters: after a few steps the zero-initialised last layers are still nearly
+  # zero, which would hide the dropout masks (and so the dropout keys) from the loss.
+  noise = np.random.default_rng(1)
+  params = jax.tree.map(
+    lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), s.trained.params
+  )
+  state = s.trained.replace(params=params)
+  step_key = jax.random.fold_in(train_key, int(state.step))
+  pairs = [jax.random.split(jax.random.fold_in(step_key, j)) for j in range(batch_size)]
+  loss_keys = jnp.stack([p[0] for p in pairs])
+  dropout_keys = jnp.stack([p[1] for p in pairs])
+
+  _, metrics = s.step_fn(state, s.batch, train_key)
+  loss = float(metrics["loss"])
+  expected = float(expected_loss(state.params, s.batch["image"], loss_keys, dropout_keys))
+  assert loss == pytest.approx(expected, rel=1e-5)
+  # The comparison is sensitive to the derivation: other dropout keys or keys of other example
+  # indices give other losses.
+  swapped = float(expected_loss(state.params, s.batch["image"], loss_keys, loss_keys))
+  assert swapped != pytest.approx(expected, rel=1e-3)
+  shifted = float(expected_loss(state.params, s.batch["image"], loss_keys[::-1], dropout_keys))
+  assert shifted != pytest.approx(expected, rel=1e-3)
+
+
+# ---------------------------------------------------------------- sampling from a checkpoint
+
+
+@pytest.fixture(scope="module")
+def sample_workdir(reference, tmp_path_factory):
+  """A copy of the reference run's checkpoints, for the sample mode to write into."""
+  workdir = tmp_path_factory.mktemp("sample")
+  shutil.copytree(os.path.join(reference.workdir, "checkpoints"), workdir / "checkpoints")
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def seed0_samples(reference, sample_workdir):
+  png, npz, samples = train.sample_from_checkpoint(reference.config, sample_workdir)
+  return types.SimpleNamespace(png=png, npz=npz, samples=samples, npz_data=read_npz(npz))
+
+
+def test_sample_from_checkpoint_writes_png_and_npz(reference, sample_workdir, seed0_samples):
+  out = seed0_samples
+  name = os.path.join(sample_workdir, "samples", "samples_0000006_seed0")
+  assert os.path.abspath(out.png) == name + ".png"
+  assert os.path.abspath(out.npz) == name + ".npz"
+  num_samples = reference.config.sample.num_samples
+  assert out.samples.dtype == np.uint8 and out.samples.shape == (num_samples, 8, 8, 3)
+  np.testing.assert_array_equal(out.npz_data, out.samples)
+  np.testing.assert_array_equal(read_png(out.png), images.make_grid(out.samples))
+  # Distinct noise per sample gives distinct images.
+  assert len({s.tobytes() for s in out.samples}) == num_samples
+
+
+def test_sample_seed_controls_the_samples(reference, sample_workdir, seed0_samples, tiny_config):
+  _, again_npz, _ = train.sample_from_checkpoint(reference.config, sample_workdir)
+  np.testing.assert_array_equal(read_npz(again_npz), seed0_samples.npz_data)
+
+  _, npz, samples = train.sample_from_checkpoint(tiny_config({"sample.seed": 1}), sample_workdir)
+  assert os.path.basename(npz) == "samples_0000006_seed1.npz"
+  assert samples.shape == seed0_samples.samples.shape
+  for a, b in zip(samples, seed0_samples.samples, strict=True):
+    assert not np.array_equal(a, b)
+
+
+def test_samples_do_not_depend_on_the_batch_size(sample_workdir, seed0_samples, tiny_config):
+  # Two calls of 2 images, the second cut to 1: image i depends only on its index.
+  config = tiny_config({"sample.batch_size": 2, "sample.num_samples": 3})
+  _, _, samples = train.sample_from_checkpoint(config, sample_workdir)
+  expected = seed0_samples.samples[:3]
+  assert samples.shape == expected.shape
+  diff = np.abs(samples.astype(np.int16) - expected.astype(np.int16))
+  # Equal up to float rounding at a pixel-level boundary.
+  assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+
+
+def test_sample_from_an_empty_workdir_is_a_config_error(tiny_config, tmp_path):
+  with pytest.raises(ConfigError, match="--workdir=.*no checkpoint") as excinfo:
+    train.sample_from_checkpoint(tiny_config(), str(tmp_path))
+  assert "\n" not in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+def test_non_finite_metrics_stop_training_and_keep_the_checkpoint(reference, tiny_config, tmp_path):
+  shutil.copytree(
+    os.path.join(reference.workdir, "checkpoints", "3"), tmp_path / "checkpoints" / "3"
+  )
+  # Step 4 (from the step-3 checkpoint) takes an Adam step of size ~1e30: the new parameters
+  # overflow float32 in their norm, and the loss of every later step is not finite.
+  config = tiny_config({"train.learning_rate": 1e30})
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step 4\b"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+  assert saved_steps(tmp_path) == [3]
+  kept = load_state(reference.config, str(tmp_path))
+  assert_bitwise_equal(kept, load_state(reference.config, reference.workdir, step=3))
+  assert not [r for r in read_metrics(tmp_path) if r["step"] >= 4]
+
+  # The kept checkpoint is good: training on with a sane config gives the reference run.
+  train.train_and_evaluate(reference.config, str(tmp_path))
+  assert_bitwise_equal(
+    load_state(reference.config, str(tmp_path)), load_state(reference.config, reference.workdir)
+  )
