@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
     if code:
       print("ruff found problems: run `.venv/bin/python -m ruff format .` and fix the rest")
       return code
-  return subprocess.call([python, "-m", "pytest", "-q", *extra])
+  # Two workers: most of the suite's time is XLA compiling, which is largely single-threaded.
+  return subprocess.call([python, "-m", "pytest", "-q", "-n", "2", *extra])
 
 
 if __name__ == "__main__":
