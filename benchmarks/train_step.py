@@ -83,20 +83,7 @@ def matmul_peak(n: int, warmup: int, repeats: int) -> dict:
 def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
   """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state)."""
   parallel.check_batch_size(batch_size, run.mesh)
-  step_fn = jax.jit(
-    lambda state, batch, key: train.train_step(
-      state,
-      batch,
-      key,
-      model=run.model,
-      schedule=run.schedule,
-      tx=run.tx,
-      train_config=run.config.train,
-    ),
-    donate_argnums=(0,),
-    in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),
-    out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
-  )
+  step_fn = train.compile_train_step(run)
   images = np.random.default_rng(batch_size).integers(
     0, 256, (batch_size, *run.image_shape), dtype=np.uint8
   )

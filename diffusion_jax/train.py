@@ -197,6 +197,28 @@ class Run:
     )
 
 
+def compile_train_step(run: Run):
+  """`train_step` jitted over the mesh: (state, batch, train_key) -> (state, metrics).
+
+  The state is donated and replicated, the batch sharded over the "data" axis, the metrics
+  replicated.
+  """
+  return jax.jit(
+    lambda state, batch, key: train_step(
+      state,
+      batch,
+      key,
+      model=run.model,
+      schedule=run.schedule,
+      tx=run.tx,
+      train_config=run.config.train,
+    ),
+    donate_argnums=(0,),
+    in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),
+    out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
+  )
+
+
 def make_run(config: ml_collections.ConfigDict) -> Run:
   """Validates `config` and builds everything that does not depend on the data or the state."""
   mesh = parallel.make_mesh()
@@ -256,20 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model: %s parameters; starting at step %d", f"{num_params:,}", start_step)
 
-  step_fn = jax.jit(
-    lambda state, batch, key: train_step(
-      state,
-      batch,
-      key,
-      model=run.model,
-      schedule=run.schedule,
-      tx=run.tx,
-      train_config=train_config,
-    ),
-    donate_argnums=(0,),
-    in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),
-    out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
-  )
+  step_fn = compile_train_step(run)
   train_key = rng.stream_key(config.seed, rng.TRAIN)
   sample_key = rng.stream_key(config.seed, rng.SAMPLE)
   sample_fn = None
