@@ -8,7 +8,9 @@ yellow on a dark background (no download). The data set is drawn at 32x32 by def
 config trains at 16x16 so that a 2-core laptop CPU gets enough steps in about 10 minutes
 (the U-Net costs 4x less per image). `--config.data.image_size=32` trains at full size for about
 4x the time. Network: 687,347 parameters, cosine schedule with T = 400.
-Expected: the final grid in runs/shapes/samples/ shows recognisable shapes in distinct colours.
+Expected after 3,000 steps (about 9 minutes on 2 cores): single-coloured objects on dark
+backgrounds in all four colours, some already recognisable stars, discs and triangles, many still
+rounded blobs; longer training (--config.train.num_steps) sharpens them.
 """
 
 from configs import default
