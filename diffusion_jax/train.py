@@ -53,23 +53,20 @@ def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> Schedul
     raise ConfigError(f"diffusion.schedule / diffusion.num_timesteps: {e}") from e
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with linear warm-up to a constant learning rate, after global-norm clipping."""
+def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+  """step (0-based) -> learning rate: linear warm-up from 0, then constant."""
   if train_config.warmup_steps > 0:
-    lr = optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps)
-  else:
-    lr = optax.constant_schedule(train_config.learning_rate)
+    return optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps)
+  return optax.constant_schedule(train_config.learning_rate)
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam on `learning_rate_schedule`, after global-norm clipping."""
+  lr = learning_rate_schedule(train_config)
   adam = optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
   if train_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adam)
   return adam
-
-
-def learning_rate(train_config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-  """The learning rate `make_optimizer` applies at `step` (0-based)."""
-  if train_config.warmup_steps <= 0:
-    return jnp.asarray(train_config.learning_rate, jnp.float32)
-  return train_config.learning_rate * jnp.minimum(step / train_config.warmup_steps, 1.0)
 
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -156,7 +153,7 @@ def train_step(
     "loss": loss,
     "grad_norm": optax.tree.norm(grads),
     "param_norm": optax.tree.norm(params),
-    "lr": learning_rate(train_config, state.step).astype(jnp.float32),
+    "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
   return new_state, metrics
 

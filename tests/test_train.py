@@ -268,7 +268,9 @@ def test_learning_rate_follows_the_linear_warmup(step_setup, step):
   _, metrics = s.step_fn(state, s.batch, jax.random.key(0))
   expected = warmup_lr(s.config.train, step)
   assert float(metrics["lr"]) == pytest.approx(expected, rel=1e-6, abs=0.0)
-  assert float(train.learning_rate(s.config.train, jnp.int32(step))) == pytest.approx(expected)
+  assert float(train.learning_rate_schedule(s.config.train)(jnp.int32(step))) == pytest.approx(
+    expected
+  )
 
 
 def test_first_step_has_zero_learning_rate(step_setup):
