@@ -6,11 +6,16 @@
 
 `--config=NAME` reads configs/NAME.py (a path to a .py file also works); `--config.a.b=value`
 overrides any field. The default workdir is runs/NAME.
+
+Several processes (a TPU pod, a GPU cluster) each run the same command; runs started by srun,
+mpirun or with JAX_COORDINATOR_ADDRESS connect by themselves, Cloud TPU VM pod slices with
+--distributed (see the README, "Many devices and TPU pods").
 """
 
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,6 +25,13 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config name (configs/NAME.py) or path.")
 flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
 flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a multi-process run (jax.distributed.initialize) even when the environment names no "
+  "launcher, as on Cloud TPU VM pod slices (jax finds the hosts in the TPU metadata). Runs "
+  "started by srun, mpirun or with JAX_COORDINATOR_ADDRESS are detected without it.",
+)
 
 
 def available_configs() -> list[str]:
@@ -53,18 +65,30 @@ def main(argv):
   del argv
   # Orbax reports every save at INFO; keep the terminal for this program's own messages.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  from diffusion_jax import train
+  from diffusion_jax import parallel
   from diffusion_jax.errors import ConfigError
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", _CONFIG_NAME)
-  logging.info("workdir: %s", os.path.abspath(workdir))
   try:
+    # Before anything else touches JAX: the backends start with the processes connected.
+    if parallel.initialize_distributed(force=FLAGS.distributed):
+      logging.info(
+        "process %d of %d with %d of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+      )
+    from diffusion_jax import train
+
+    logging.info("workdir: %s", os.path.abspath(workdir))
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
     else:
       png, npz, samples = train.sample_from_checkpoint(config, workdir)
-      print(f"wrote {len(samples)} samples: {png} and {npz}")
+      if jax.process_index() == 0:
+        print(f"wrote {len(samples)} samples: {png} and {npz}")
   except ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   except FloatingPointError as e:

@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     "fixed_large"  # Reverse-step variance: "fixed_large" (β) or "fixed_small" (β̃).
   )
   diffusion.clip_x0 = True  # Clip the predicted x0 to [-1, 1] in each reverse step.
+  diffusion.prediction = "eps"  # What the network predicts: "eps" (DDPM), "x0" or "v".
 
   # ---------------------------------------------------------------- train
   config.train = train = ml_collections.ConfigDict()
@@ -57,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = 800_000
   train.learning_rate = 2e-4
   train.warmup_steps = 5000  # Linear warm-up from 0, then constant.
+  # >0: the learning rate falls linearly to 0 over the last `cooldown_steps` of num_steps.
+  train.cooldown_steps = 0
   train.adam_b1 = 0.9
   train.adam_b2 = 0.999
   train.adam_eps = 1e-8

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 from diffusion_jax.schedules import Schedule, extract
 
 VARIANCES = ("fixed_large", "fixed_small")
+# What the network predicts: the noise ε (DDPM), the clean image x0, or the velocity
+# v = √ᾱ_t ε - √(1 - ᾱ_t) x0 (Salimans & Ho 2022).
+PREDICTIONS = ("eps", "x0", "v")
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -80,6 +83,45 @@ def predict_x0_from_eps(
   )
 
 
+def predict_eps_from_x0(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
+) -> jax.Array:
+  """ε̂ = (x_t - √ᾱ_t x0) / √(1 - ᾱ_t), the inverse of `predict_x0_from_eps`."""
+  chex.assert_equal_shape([x_t, x0])
+  return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x0) / extract(
+    schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim
+  )
+
+
+def v_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """v = √ᾱ_t ε - √(1 - ᾱ_t) x0, the velocity target of the v-parameterisation."""
+  chex.assert_equal_shape([x0, noise])
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * noise
+    - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+  )
+
+
+def predict_x0(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, model_output: jax.Array, prediction: str
+) -> jax.Array:
+  """x̂0 implied by the network's output under `prediction` (one of PREDICTIONS), not clipped.
+
+  For "v": x̂0 = √ᾱ_t x_t - √(1 - ᾱ_t) v, since x_t = √ᾱ_t x0 + √(1 - ᾱ_t) ε.
+  """
+  chex.assert_equal_shape([x_t, model_output])
+  if prediction == "eps":
+    return predict_x0_from_eps(schedule, x_t, t, model_output)
+  if prediction == "x0":
+    return model_output
+  if prediction == "v":
+    return (
+      extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+      - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * model_output
+    )
+  raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+
+
 def reverse_variance(
   schedule: Schedule, t: jax.Array, variance: str, ndim: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -107,25 +149,28 @@ def p_mean_variance(
   *,
   variance: str = "fixed_large",
   clip_x0: bool = True,
+  prediction: str = "eps",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """p_θ(x_{t-1} | x_t) = N(μ_θ, σ_t² I) for the ε-parameterisation.
+  """p_θ(x_{t-1} | x_t) = N(μ_θ, σ_t² I).
 
-  μ_θ is the posterior mean μ̃_t(x̂0, x_t) with x̂0 from the predicted ε; without clipping this
-  equals (1/√α_t)(x_t - β_t/√(1-ᾱ_t) ε_θ).
+  μ_θ is the posterior mean μ̃_t(x̂0, x_t) with x̂0 implied by the network's output; for the
+  ε-parameterisation without clipping this equals (1/√α_t)(x_t - β_t/√(1-ᾱ_t) ε_θ).
 
   Args:
     schedule: the noise schedule.
-    model_output: ε_θ(x_t, t), same shape as x_t.
+    model_output: the network's output at (x_t, t), same shape as x_t: ε, x0 or v as
+      `prediction` says.
     x_t: [B, ...] noisy data.
     t: [B] int timesteps.
     variance: "fixed_large" (σ² = β_t) or "fixed_small" (σ² = β̃_t).
     clip_x0: clip x̂0 to [-1, 1] before forming the mean.
+    prediction: one of PREDICTIONS.
 
   Returns:
     (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...], pred_x0 [B, ...]).
   """
   var, log_var = reverse_variance(schedule, t, variance, x_t.ndim)
-  pred_x0 = predict_x0_from_eps(schedule, x_t, t, model_output)
+  pred_x0 = predict_x0(schedule, x_t, t, model_output, prediction)
   if clip_x0:
     pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
   mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
@@ -133,15 +178,26 @@ def p_mean_variance(
 
 
 def simple_loss(
-  schedule: Schedule, denoise_fn: DenoiseFn, x0: jax.Array, key: jax.Array
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x0: jax.Array,
+  key: jax.Array,
+  *,
+  prediction: str = "eps",
 ) -> jax.Array:
-  """L_simple = ||ε - ε_θ(x_t, t)||² per example, t ~ U{0..T-1}, ε ~ N(0, I) drawn from `key`.
+  """L_simple = ||target - f_θ(x_t, t)||² per example, t ~ U{0..T-1}, ε ~ N(0, I) from `key`.
+
+  The target is ε, x0 or v = √ᾱ_t ε - √(1 - ᾱ_t) x0 as `prediction` says. In terms of the
+  x0 error these weight noise level t by SNR_t (ε), 1 (x0) and 1 + SNR_t (v): v keeps the
+  ε loss's emphasis on fine detail and adds weight at high noise, where the global layout of an
+  image is decided.
 
   Args:
     schedule: the noise schedule.
-    denoise_fn: (x_t [B, ...], t [B] int32) -> predicted ε, same shape as x_t.
+    denoise_fn: (x_t [B, ...], t [B] int32) -> the network's output, same shape as x_t.
     x0: [B, ...] clean data in [-1, 1].
     key: the PRNG key the timesteps and noise are drawn from.
+    prediction: one of PREDICTIONS.
 
   Returns:
     [B] float32 mean squared error per example (mean over all non-batch dimensions).
@@ -150,6 +206,9 @@ def simple_loss(
   t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
   x_t = q_sample(schedule, x0, t, noise)
-  eps = denoise_fn(x_t, t).astype(jnp.float32)
-  chex.assert_equal_shape([eps, noise])
-  return jnp.mean(jnp.square(eps - noise), axis=tuple(range(1, x0.ndim)))
+  targets = {"eps": lambda: noise, "x0": lambda: x0, "v": lambda: v_target(schedule, x0, t, noise)}
+  if prediction not in targets:
+    raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+  output = denoise_fn(x_t, t).astype(jnp.float32)
+  chex.assert_equal_shape([output, noise])
+  return jnp.mean(jnp.square(output - targets[prediction]()), axis=tuple(range(1, x0.ndim)))

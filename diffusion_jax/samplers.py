@@ -35,17 +35,19 @@ def ddpm_sample(
   *,
   variance: str = "fixed_large",
   clip_x0: bool = True,
+  prediction: str = "eps",
   first_index: int | jax.Array = 0,
 ) -> jax.Array:
   """Ancestral sampling over all T steps: x_{t-1} = μ_θ(x_t, t) + σ_t z, no noise at t = 0.
 
   Args:
-    denoise_fn: (x_t [B, ...], t [B] int32) -> predicted ε.
+    denoise_fn: (x_t [B, ...], t [B] int32) -> the network's output (ε, x0 or v).
     schedule: the noise schedule the model was trained with.
     shape: (B, H, W, C) of the samples.
     key: the PRNG key of the whole call; sample i uses fold_in(key, first_index + i).
     variance: the reverse-step variance, "fixed_large" or "fixed_small".
     clip_x0: clip the predicted x0 to [-1, 1] in every step.
+    prediction: what denoise_fn predicts, one of diffusion.PREDICTIONS.
     first_index: global index of the first sample of this batch.
 
   Returns:
@@ -59,7 +61,13 @@ def ddpm_sample(
   def step(x_t, t):
     t_batch = jnp.full((batch_size,), t, dtype=jnp.int32)
     mean, _, log_variance, _ = p_mean_variance(
-      schedule, denoise_fn(x_t, t_batch), x_t, t_batch, variance=variance, clip_x0=clip_x0
+      schedule,
+      denoise_fn(x_t, t_batch),
+      x_t,
+      t_batch,
+      variance=variance,
+      clip_x0=clip_x0,
+      prediction=prediction,
     )
     z = _normal(jax.vmap(jax.random.fold_in, (0, None))(step_keys, t), shape[1:])
     x_prev = jnp.where(t == 0, mean, mean + jnp.exp(0.5 * log_variance) * z)
@@ -94,13 +102,13 @@ def sample(
   """Draws samples with the named sampler.
 
   Args:
-    denoise_fn: (x_t [B, H, W, C], t [B] int32) -> the model output (ε).
+    denoise_fn: (x_t [B, H, W, C], t [B] int32) -> the model output (ε, x0 or v).
     schedule: the noise schedule the model was trained with.
     shape: (B, H, W, C) of the samples.
     key: PRNG key; sample i depends only on fold_in(key, first_index + i).
     sampler: one of SAMPLERS.
     num_steps: number of reverse steps; None means all of the schedule's steps.
-    **options: passed to the sampler (variance, clip_x0, first_index).
+    **options: passed to the sampler (variance, clip_x0, prediction, first_index).
 
   Returns:
     x_0: [B, H, W, C] float32 in about [-1, 1].

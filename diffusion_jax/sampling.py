@@ -23,6 +23,8 @@ def make_sample_fn(
   image_shape: tuple[int, int, int],
   batch_size: int,
   mesh: Mesh,
+  *,
+  to_uint8: bool = True,
   **sampler_options,
 ):
   """Compiles one sampling call: (params, key, first_index) -> images.
@@ -33,10 +35,12 @@ def make_sample_fn(
     image_shape: (H, W, C).
     batch_size: images per call; a multiple of the device count.
     mesh: the device mesh; the batch is sharded over its "data" axis.
+    to_uint8: return pixels; False returns the sampler's float32 x0 (for exact comparisons).
     **sampler_options: sampler, num_steps, variance, clip_x0 (see `samplers.sample`).
 
   Returns:
-    A jitted function returning uint8 [batch_size, H, W, C] sharded over the batch.
+    A jitted function returning uint8 [batch_size, H, W, C] in [0, 255] (float32 in about
+    [-1, 1] if not `to_uint8`), sharded over the batch.
   """
   parallel.check_batch_size(batch_size, mesh, field="sample.batch_size")
 
@@ -50,7 +54,7 @@ def make_sample_fn(
       first_index=first_index,
       **sampler_options,
     )
-    return data.denormalize_images(x0)
+    return data.denormalize_images(x0) if to_uint8 else x0
 
   return jax.jit(
     sample_fn,
@@ -63,7 +67,7 @@ def generate(sample_fn, params, key: jax.Array, num_samples: int, batch_size: in
   """Runs `sample_fn` over ceil(num_samples / batch_size) batches.
 
   Returns:
-    uint8 [num_samples, H, W, C] on the host (every process gets all of them).
+    [num_samples, H, W, C] on the host, of `sample_fn`'s dtype (every process gets all of them).
   """
   outputs = []
   num_batches = -(-num_samples // batch_size)

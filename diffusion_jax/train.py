@@ -54,10 +54,25 @@ def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> Schedul
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
-  """step (0-based) -> learning rate: linear warm-up from 0, then constant."""
-  if train_config.warmup_steps > 0:
-    return optax.linear_schedule(0.0, train_config.learning_rate, train_config.warmup_steps)
-  return optax.constant_schedule(train_config.learning_rate)
+  """step (0-based) -> learning rate: linear warm-up from 0, constant, optional linear cool-down.
+
+  The cool-down (train.cooldown_steps > 0) ends at 0 at step train.num_steps, so it depends on
+  num_steps: a run resumed with a larger num_steps follows the new schedule from there on.
+  """
+  lr = train_config.learning_rate
+  warmup = max(train_config.warmup_steps, 0)
+  cooldown = min(max(train_config.get("cooldown_steps", 0), 0), train_config.num_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    value = jnp.asarray(lr, jnp.float32)
+    if warmup > 0:
+      value = value * jnp.minimum(step / warmup, 1.0)
+    if cooldown > 0:
+      value = value * jnp.clip((train_config.num_steps - step) / cooldown, 0.0, 1.0)
+    return value
+
+  return schedule
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -87,6 +102,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.variance={config.diffusion.variance!r} is unknown; "
       f"valid: {', '.join(diffusion.VARIANCES)}"
     )
+  if config.diffusion.prediction not in diffusion.PREDICTIONS:
+    raise ConfigError(
+      f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
+      f"valid: {', '.join(diffusion.PREDICTIONS)}"
+    )
 
 
 def init_state(model: nn.Module, tx, image_shape, key: jax.Array) -> TrainState:
@@ -110,6 +130,7 @@ def train_step(
   schedule: Schedule,
   tx: optax.GradientTransformation,
   train_config: ml_collections.ConfigDict,
+  prediction: str = "eps",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on L_simple; pure.
 
@@ -118,6 +139,7 @@ def train_step(
     batch: "image" uint8 [B, H, W, C], the global batch sharded over devices.
     train_key: the run's train stream key; this step uses fold_in(train_key, state.step).
     model, schedule, tx, train_config: static parts of the step.
+    prediction: what the model predicts, one of diffusion.PREDICTIONS.
 
   Returns:
     (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm, lr.
@@ -135,7 +157,9 @@ def train_step(
     denoise_fn = lambda x_t, t: model.apply(
       {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
     )
-    return diffusion.simple_loss(schedule, denoise_fn, x0_i[None], loss_key)[0]
+    return diffusion.simple_loss(schedule, denoise_fn, x0_i[None], loss_key, prediction=prediction)[
+      0
+    ]
 
   def loss_fn(params):
     return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, x0, keys))
@@ -179,7 +203,8 @@ class Run:
     sharding = parallel.replicated(self.mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
-  def sample_fn(self):
+  def sample_fn(self, **options):
+    """`sampling.make_sample_fn` for the config's sample section, plus `options` (to_uint8)."""
     sample = self.config.sample
     return sampling.make_sample_fn(
       self.model,
@@ -191,6 +216,8 @@ class Run:
       num_steps=sample.num_steps,
       variance=self.config.diffusion.variance,
       clip_x0=self.config.diffusion.clip_x0,
+      prediction=self.config.diffusion.prediction,
+      **options,
     )
 
 
@@ -209,6 +236,7 @@ def compile_train_step(run: Run):
       schedule=run.schedule,
       tx=run.tx,
       train_config=run.config.train,
+      prediction=run.config.diffusion.prediction,
     ),
     donate_argnums=(0,),
     in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),

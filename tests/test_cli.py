@@ -53,6 +53,11 @@ ERROR_CASES = {
     {},
     ["data.dataset", "nosuchset", "unknown"],
   ),
+  "unknown_prediction": (
+    ["--config=shapes", "--config.diffusion.prediction=score"],
+    {},
+    ["diffusion.prediction='score'", "valid: eps, x0, v"],
+  ),
   "missing_folder": (
     # The space-separated form of --config is accepted too.
     ["--config", "shapes", "--config.data.dataset=folder", "--config.data.path=/nonexistent"],
@@ -69,6 +74,11 @@ ERROR_CASES = {
     ["--config=shapes", "--config.train.batch_size=3"],
     {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     ["train.batch_size=3", "device count 2"],
+  ),
+  "coordinator_without_process_count": (
+    ["--config=shapes"],
+    {"JAX_COORDINATOR_ADDRESS": "localhost:12345"},
+    ["jax.distributed.initialize()", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"],
   ),
   "unknown_config": (
     ["--config=nosuch"],

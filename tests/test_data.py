@@ -78,7 +78,8 @@ def test_shapes_are_deterministic_per_seed_and_index():
   for i in (0, 7, 49):
     np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
   assert not all(np.array_equal(a[i]["image"], other[i]["image"]) for i in range(10))
-  assert not np.array_equal(a[0]["image"], a[16]["image"])  # Same class, different image.
+  assert a[0]["label"] == a[a.num_classes]["label"]
+  assert not np.array_equal(a[0]["image"], a[a.num_classes]["image"])  # Same class, new image.
 
 
 @pytest.mark.parametrize("size", [8, 32, 48])

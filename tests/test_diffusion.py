@@ -159,6 +159,66 @@ def test_predict_x0_from_eps_round_trip(name):
   assert np.all(np.abs(np.asarray(got) - x0) <= atol)
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_v_target_and_conversions_against_float64(name):
+  ts = np.array([0, 1, 2, 37, 500, 900, 998, 999], dtype=np.int32)
+  x0, noise = _data(11, len(ts))
+  t = jnp.asarray(ts)
+  sched = _schedule(name)
+  x_t = diffusion.q_sample(sched, jnp.asarray(x0), t, jnp.asarray(noise))
+  abar = _b(_ref(name)["abar"][ts])
+  v = np.sqrt(abar) * np.float64(noise) - np.sqrt(1.0 - abar) * np.float64(x0)
+  got_v = diffusion.v_target(sched, jnp.asarray(x0), t, jnp.asarray(noise))
+  np.testing.assert_allclose(np.asarray(got_v), v, rtol=0, atol=1e-6)
+  # x0 from v is well conditioned at every t (both coefficients are at most 1), unlike x0 from eps.
+  got_x0 = diffusion.predict_x0(sched, x_t, t, jnp.asarray(v, jnp.float32), "v")
+  np.testing.assert_allclose(np.asarray(got_x0), x0, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(
+    np.asarray(diffusion.predict_x0(sched, x_t, t, jnp.asarray(x0), "x0")), x0
+  )
+  # eps from x0 inverts x0 from eps where 1 - abar_t is not tiny (t = 0 divides by ~1e-2).
+  eps = diffusion.predict_eps_from_x0(sched, x_t, t, jnp.asarray(x0))
+  atol = _b(2e-6 / np.sqrt(1.0 - abar))
+  assert np.all(np.abs(np.asarray(eps) - noise) <= atol)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_every_prediction_with_its_true_target_gives_the_true_posterior(prediction):
+  ts = np.array([1, 2, 37, 500, 998, 999], dtype=np.int32)
+  x0, noise = _data(12, len(ts))
+  t = jnp.asarray(ts)
+  sched = _schedule("cosine")
+  x_t = diffusion.q_sample(sched, jnp.asarray(x0), t, jnp.asarray(noise))
+  target = {
+    "eps": jnp.asarray(noise),
+    "x0": jnp.asarray(x0),
+    "v": diffusion.v_target(sched, jnp.asarray(x0), t, jnp.asarray(noise)),
+  }[prediction]
+  mean, _, _, pred_x0 = diffusion.p_mean_variance(
+    sched, target, x_t, t, clip_x0=False, prediction=prediction
+  )
+  r = _ref("cosine")
+  abar, abar_prev = r["abar"][ts], np.append(1.0, r["abar"])[ts]
+  beta = r["betas"][ts]
+  # The posterior mean of q(x_{t-1} | x_t, x0), in float64 from the reference schedule.
+  coef1 = np.sqrt(abar_prev) * beta / (1.0 - abar)
+  coef2 = np.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
+  expected = _b(coef1) * np.float64(x0) + _b(coef2) * np.float64(np.asarray(x_t))
+  # eps at t = 999 (abar ~ 0) carries float32 error amplified by 1 / sqrt(abar) into x0.
+  tol = {"eps": 1e-3, "x0": 1e-5, "v": 1e-5}[prediction]
+  np.testing.assert_allclose(np.asarray(mean), expected, rtol=0, atol=tol)
+  assert pred_x0.shape == x0.shape
+
+
+def test_unknown_prediction_name():
+  x = jnp.zeros((1, *IMAGE))
+  t = jnp.zeros((1,), jnp.int32)
+  with pytest.raises(ValueError, match="unknown prediction 'score'; valid: eps, x0, v"):
+    diffusion.predict_x0(_schedule(), x, t, x, "score")
+  with pytest.raises(ValueError, match="valid: eps, x0, v"):
+    diffusion.simple_loss(_schedule(), lambda x_t, t: x_t, x, jax.random.key(0), prediction="e")
+
+
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
 def test_p_mean_variance_with_true_eps_is_the_true_posterior(variance):
   ts = np.array([1, 2, 37, 500, 998, 999], dtype=np.int32)
@@ -287,6 +347,25 @@ def test_simple_loss_is_zero_for_the_true_noise():
   assert loss.shape == (LOSS_SHAPE[0],)
   assert loss.dtype == jnp.float32
   assert float(jnp.max(loss)) < 1e-7
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_simple_loss_is_zero_for_the_true_x0_and_v_targets(prediction):
+  x0 = _loss_x0(13)
+  sched = _schedule()
+  eps_fn = _exact_denoiser(sched, x0)
+
+  def denoise_fn(x_t, t):
+    if prediction == "x0":
+      return jnp.broadcast_to(x0, x_t.shape)
+    return diffusion.v_target(sched, x0, t, eps_fn(x_t, t))
+
+  loss = diffusion.simple_loss(sched, denoise_fn, x0, jax.random.key(1), prediction=prediction)
+  # The exact eps recovered from x_t carries float32 rounding amplified by 1/sqrt(1 - abar_t).
+  assert float(jnp.max(loss)) < 1e-6
+  # A wrong target is not zero: the x0 model scored as eps has a loss near E[(x0 - eps)^2] = 4/3.
+  wrong = diffusion.simple_loss(sched, denoise_fn, x0, jax.random.key(1), prediction="eps")
+  assert float(jnp.mean(wrong)) > 0.3
 
 
 def test_simple_loss_of_zero_prediction_is_mean_squared_noise():

@@ -12,6 +12,7 @@ import types
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -273,6 +274,20 @@ def test_learning_rate_follows_the_linear_warmup(step_setup, step):
   )
 
 
+def test_learning_rate_cooldown_reaches_zero_at_num_steps():
+  config = ml_collections.ConfigDict(
+    {"learning_rate": 1e-3, "warmup_steps": 10, "num_steps": 100, "cooldown_steps": 40}
+  )
+  schedule = train.learning_rate_schedule(config)
+  # Warm-up, plateau, then a straight line from (60, lr) to (100, 0).
+  expected = {0: 0.0, 5: 5e-4, 10: 1e-3, 59: 1e-3, 60: 1e-3, 70: 7.5e-4, 99: 2.5e-5, 100: 0.0}
+  for step, lr in expected.items():
+    assert float(schedule(jnp.int32(step))) == pytest.approx(lr, rel=1e-6, abs=1e-12), step
+  # Without a cool-down the rate stays constant after the warm-up, whatever num_steps is.
+  config.cooldown_steps = 0
+  assert float(train.learning_rate_schedule(config)(jnp.int32(99))) == pytest.approx(1e-3)
+
+
 def test_first_step_has_zero_learning_rate(step_setup):
   s = step_setup
   state, metrics = jax.device_get(s.step_fn(s.fresh, s.batch, jax.random.key(0)))
@@ -353,6 +368,43 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
   assert swapped != pytest.approx(expected, rel=1e-3)
   shifted = float(expected_loss(state.params, s.batch["image"], loss_keys[::-1], dropout_keys))
   assert shifted != pytest.approx(expected, rel=1e-3)
+
+
+def test_train_step_loss_follows_the_configured_prediction(step_setup):
+  """With prediction="v" the step's loss is L_simple against v, for the same per-example keys."""
+  s = step_setup
+  step_fn = jax.jit(
+    functools.partial(
+      train.train_step,
+      model=s.run.model,
+      schedule=s.run.schedule,
+      tx=s.run.tx,
+      train_config=s.config.train,
+      prediction="v",
+    )
+  )
+  train_key = rng.stream_key(3, rng.TRAIN)
+  state = s.trained
+  step_key = jax.random.fold_in(train_key, int(state.step))
+  x0 = jnp.asarray(s.batch["image"], jnp.float32) / 127.5 - 1.0
+
+  def expected(prediction):
+    losses = []
+    for j in range(x0.shape[0]):
+      loss_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, j))
+      denoise_fn = lambda x_t, t, k=dropout_key: s.run.model.apply(
+        {"params": state.params}, x_t, t, train=True, rngs={"dropout": k}
+      )
+      losses.append(
+        diffusion.simple_loss(
+          s.run.schedule, denoise_fn, x0[j : j + 1], loss_key, prediction=prediction
+        )[0]
+      )
+    return float(jnp.mean(jnp.stack(losses)))
+
+  _, metrics = step_fn(state, s.batch, train_key)
+  assert float(metrics["loss"]) == pytest.approx(expected("v"), rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(expected("eps"), rel=1e-2)
 
 
 # ---------------------------------------------------------------- sampling from a checkpoint
