@@ -22,6 +22,7 @@ TINY_OVERRIDES = {
   "train.batch_size": 4,
   "train.num_steps": 6,
   "train.warmup_steps": 2,
+  "train.cooldown_steps": 0,
   "train.log_every": 1,
   "train.checkpoint_every": 3,
   "train.sample_every": 3,
