@@ -177,6 +177,15 @@ def p_mean_variance(
   return mean, jnp.broadcast_to(var, log_var.shape), log_var, pred_x0
 
 
+def draw_t_and_noise(
+  schedule: Schedule, key: jax.Array, shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+  """The random inputs of L_simple: t ~ U{0..T-1} [B] int32 and ε ~ N(0, I) of `shape` [B, ...]."""
+  t_key, noise_key = jax.random.split(key)
+  t = jax.random.randint(t_key, shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)
+  return t, jax.random.normal(noise_key, shape, dtype=jnp.float32)
+
+
 def simple_loss(
   schedule: Schedule,
   denoise_fn: DenoiseFn,
@@ -196,15 +205,39 @@ def simple_loss(
     schedule: the noise schedule.
     denoise_fn: (x_t [B, ...], t [B] int32) -> the network's output, same shape as x_t.
     x0: [B, ...] clean data in [-1, 1].
-    key: the PRNG key the timesteps and noise are drawn from.
+    key: the PRNG key the timesteps and noise are drawn from (`draw_t_and_noise`).
     prediction: one of PREDICTIONS.
 
   Returns:
     [B] float32 mean squared error per example (mean over all non-batch dimensions).
   """
-  t_key, noise_key = jax.random.split(key)
-  t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)
-  noise = jax.random.normal(noise_key, x0.shape, dtype=jnp.float32)
+  t, noise = draw_t_and_noise(schedule, key, x0.shape)
+  return _simple_loss_given(schedule, denoise_fn, x0, t, noise, prediction)
+
+
+def simple_loss_per_example_keys(
+  schedule: Schedule,
+  denoise_fn: DenoiseFn,
+  x0: jax.Array,
+  keys: jax.Array,
+  *,
+  prediction: str = "eps",
+) -> jax.Array:
+  """L_simple with example j's t and ε drawn from keys[j], in one call of `denoise_fn`.
+
+  Row j equals `simple_loss(schedule, denoise_fn, x0[j:j+1], keys[j])[0]`: the draws of an
+  example do not depend on the batch it is in.
+
+  Args:
+    keys: [B] PRNG keys, one per example of x0 [B, ...].
+    (the others as in `simple_loss`)
+  """
+  draw = lambda key: draw_t_and_noise(schedule, key, (1, *x0.shape[1:]))
+  t, noise = jax.vmap(draw)(keys)
+  return _simple_loss_given(schedule, denoise_fn, x0, t[:, 0], noise[:, 0], prediction)
+
+
+def _simple_loss_given(schedule, denoise_fn, x0, t, noise, prediction: str) -> jax.Array:
   x_t = q_sample(schedule, x0, t, noise)
   targets = {"eps": lambda: noise, "x0": lambda: x0, "v": lambda: v_target(schedule, x0, t, noise)}
   if prediction not in targets:

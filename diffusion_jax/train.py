@@ -147,13 +147,15 @@ def train_step(
   x0 = data.normalize_images(batch["image"])
   step_key = jax.random.fold_in(train_key, state.step)
   # One key per example from its index in the global batch: t, eps and the dropout masks of
-  # example j are the same whatever device it lands on. The model is applied per example under
-  # vmap (it has no cross-example layers, so this is the same network on the whole batch) so
-  # that each example's dropout mask comes from its own key.
+  # example j are the same whatever device it lands on. With dropout, the model is applied per
+  # example under vmap (it has no cross-example layers, so this is the same network on the whole
+  # batch) so that each example's dropout mask comes from its own key. Without dropout, one call
+  # on the whole batch gives the same loss and is faster (about 25% for the shapes network on a
+  # CPU), since XLA does not fully recover the batched program from the vmapped one.
   keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(x0.shape[0]))
+  loss_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
 
-  def example_loss(params, x0_i, key_i):
-    loss_key, dropout_key = jax.random.split(key_i)
+  def example_loss(params, x0_i, loss_key, dropout_key):
     denoise_fn = lambda x_t, t: model.apply(
       {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
     )
@@ -162,7 +164,14 @@ def train_step(
     ]
 
   def loss_fn(params):
-    return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, x0, keys))
+    if _uses_dropout(model):
+      losses = jax.vmap(example_loss, in_axes=(None, 0, 0, 0))(params, x0, loss_keys, dropout_keys)
+    else:
+      denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True)
+      losses = diffusion.simple_loss_per_example_keys(
+        schedule, denoise_fn, x0, loss_keys, prediction=prediction
+      )
+    return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -180,6 +189,12 @@ def train_step(
     "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
   return new_state, metrics
+
+
+def _uses_dropout(model: nn.Module) -> bool:
+  """Whether `model` draws dropout masks in training (unknown models: assume it does)."""
+  config = getattr(model, "config", None)
+  return getattr(config, "dropout", 1.0) > 0
 
 
 # ---------------------------------------------------------------- the training loop

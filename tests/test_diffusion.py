@@ -368,6 +368,37 @@ def test_simple_loss_is_zero_for_the_true_x0_and_v_targets(prediction):
   assert float(jnp.mean(wrong)) > 0.3
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_simple_loss_per_example_keys_matches_one_example_at_a_time(prediction):
+  x0 = _loss_x0(14)[:6]
+  keys = jax.random.split(jax.random.key(5), 6)
+  sched = _schedule()
+  calls = []
+
+  def denoise_fn(x_t, t):
+    calls.append(x_t.shape[0])
+    # Depends on x_t and t nonlinearly, so a different t or noise shows in the loss.
+    return jnp.tanh(x_t) * (1.0 + t.reshape(-1, 1, 1, 1) / 100.0)
+
+  batched = diffusion.simple_loss_per_example_keys(
+    sched, denoise_fn, x0, keys, prediction=prediction
+  )
+  assert calls == [6]  # one call on the whole batch
+  single = [
+    diffusion.simple_loss(sched, denoise_fn, x0[j : j + 1], keys[j], prediction=prediction)[0]
+    for j in range(6)
+  ]
+  np.testing.assert_allclose(np.asarray(batched), np.asarray(single), rtol=1e-6)
+  assert len(set(np.asarray(batched).tolist())) == 6
+  # Rows follow their keys: permuting the keys permutes the losses of identical examples.
+  same = jnp.broadcast_to(x0[:1], x0.shape)
+  a = diffusion.simple_loss_per_example_keys(sched, denoise_fn, same, keys, prediction=prediction)
+  b = diffusion.simple_loss_per_example_keys(
+    sched, denoise_fn, same, keys[::-1], prediction=prediction
+  )
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b)[::-1], rtol=1e-6)
+
+
 def test_simple_loss_of_zero_prediction_is_mean_squared_noise():
   n = np.prod(LOSS_SHAPE)
   x0 = _loss_x0(10)

@@ -370,6 +370,54 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
   assert shifted != pytest.approx(expected, rel=1e-3)
 
 
+def test_train_step_without_dropout_uses_the_same_per_example_keys(tiny_config):
+  """Without dropout the model runs once on the whole batch; the loss is the same formula."""
+  config = tiny_config({"model.dropout": 0.0})
+  run = train.make_run(config)
+  assert not train._uses_dropout(run.model)
+  step_fn = jax.jit(
+    functools.partial(
+      train.train_step,
+      model=run.model,
+      schedule=run.schedule,
+      tx=run.tx,
+      train_config=config.train,
+      prediction="v",
+    )
+  )
+  params = run.model.init(
+    jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32), train=False
+  )["params"]
+  # Random last layers: a freshly initialised U-Net outputs zeros, whatever t and noise it sees.
+  noise = np.random.default_rng(2)
+  params = jax.tree.map(lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), params)
+  state = train.TrainState(
+    step=jnp.int32(4), params=params, ema_params=params, opt_state=run.tx.init(params)
+  )
+  batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
+  train_key = rng.stream_key(5, rng.TRAIN)
+  step_key = jax.random.fold_in(train_key, 4)
+  x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
+  denoise_fn = lambda x_t, t: run.model.apply({"params": params}, x_t, t, train=False)
+
+  def expected(order):
+    losses = [
+      diffusion.simple_loss(
+        run.schedule,
+        denoise_fn,
+        x0[j : j + 1],
+        jax.random.split(jax.random.fold_in(step_key, k))[0],
+        prediction="v",
+      )[0]
+      for j, k in enumerate(order)
+    ]
+    return float(jnp.mean(jnp.stack(losses)))
+
+  _, metrics = step_fn(state, batch, train_key)
+  assert float(metrics["loss"]) == pytest.approx(expected([0, 1, 2, 3]), rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(expected([3, 2, 1, 0]), rel=1e-3)
+
+
 def test_train_step_loss_follows_the_configured_prediction(step_setup):
   """With prediction="v" the step's loss is L_simple against v, for the same per-example keys."""
   s = step_setup
