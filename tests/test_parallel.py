@@ -31,10 +31,10 @@ LOSS_RTOL = 1e-5  # measured: at most 6.1e-8 relative
 # Adam divides each gradient coordinate by its running RMS. A coordinate whose terms nearly cancel
 # has a large relative rounding error, which Adam turns into an update error of up to lr (2e-3
 # here) times that relative error, whatever the size of the parameter: so the bound is absolute.
-# A parameter moves more than 25x the bound in the 3 steps (asserted of the median; measured
+# A parameter moves more than 20x the bound in the 3 steps (asserted of the median; measured
 # 1.3e-3), so an example that drew another t, noise or dropout mask on another topology (an
 # update error of order lr) would fail it.
-PARAM_ATOL = 2e-5  # measured: at most 1.9e-6
+PARAM_ATOL = 4e-5  # measured: at most 1.3e-5 (1 vs 8 devices), 4.1e-6 (2 processes vs 1)
 PARAM_RTOL = 1e-5
 # Sampling has no cross-device sum; only the per-call batch changes XLA's blocking, and rounding
 # differences grow over the 10 reverse steps. A uint8 level is 1 / 127.5 = 7.8e-3.
@@ -147,7 +147,7 @@ def assert_params_close(actual, expected):
       for name, value in leaves(expected, "params").items()
     ]
   )
-  assert np.median(movement) > 25 * PARAM_ATOL
+  assert np.median(movement) > 20 * PARAM_ATOL
 
 
 # ---------------------------------------------------------------- the same run on any topology
