@@ -66,7 +66,7 @@ def main(argv):
   # Orbax reports every save at INFO; keep the terminal for this program's own messages.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   from diffusion_jax import parallel
-  from diffusion_jax.errors import ConfigError
+  from diffusion_jax.errors import ConfigError, TrainingStopped
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", _CONFIG_NAME)
@@ -93,6 +93,12 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   except FloatingPointError as e:
     raise SystemExit(f"error: {e}") from None
+  except TrainingStopped as e:
+    # A checkpoint is saved: SIGTERM (preemption, a batch scheduler's time limit) is a clean
+    # exit, status 0; Ctrl-C keeps the shell's usual 130.
+    if jax.process_index() == 0:
+      print(e, file=sys.stderr)
+    raise SystemExit(130 if e.signal_name == "SIGINT" else 0) from None
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ class CheckpointStore:
       state: the train state pytree.
       meta: JSON-serialisable facts (data position, config).
     """
+    if step in self._manager.all_steps():
+      # Only an unreadable checkpoint that `restore_latest` skipped can be here: the run has
+      # recomputed its step from an older one, and the new checkpoint replaces it.
+      logging.warning("replacing the unreadable checkpoint at step %d", step)
+      self._manager.delete(step)
     self._manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

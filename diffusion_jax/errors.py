@@ -3,3 +3,19 @@
 
 class ConfigError(ValueError):
   """A bad configuration value; the message is one line naming the field and the fix."""
+
+
+class TrainingStopped(Exception):
+  """Training stopped on a signal after saving a checkpoint; the same command resumes it.
+
+  Attributes:
+    signal_name: "SIGTERM" or "SIGINT".
+    step: the step of the checkpoint just saved.
+  """
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(
+      f"stopped by {signal_name} at step {step}; checkpoint saved; run the same command to resume"
+    )
+    self.signal_name = signal_name
+    self.step = step

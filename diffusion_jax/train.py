@@ -5,10 +5,13 @@ for example j of the global batch comes from fold_in(fold_in(train_key, s), j), 
 repeats the uninterrupted one and the draws do not depend on how the batch is split over devices.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,7 +26,7 @@ import tqdm
 from absl import logging
 
 from diffusion_jax import checkpoints, data, diffusion, parallel, rng, samplers, sampling
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.errors import ConfigError, TrainingStopped
 from diffusion_jax.metric_writer import MetricWriter
 from diffusion_jax.models import check_model_config, make_model
 from diffusion_jax.schedules import Schedule, make_schedule
@@ -295,11 +298,66 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+@dataclasses.dataclass
+class _StopRequest:
+  signal_name: str | None = None  # set by the handler; read once per step by the loop
+
+
+@contextlib.contextmanager
+def _stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+  """Within the block, SIGTERM and SIGINT only set `.signal_name` of the yielded request.
+
+  The loop checks the request at each step boundary. A second signal while a stop is pending
+  gets the previous handler (Ctrl-C twice: KeyboardInterrupt). The previous handlers come back
+  on exit. Outside the main thread, where Python cannot install handlers, nothing changes.
+  """
+  request = _StopRequest()
+  previous = {}
+
+  def handler(signum, frame):
+    if request.signal_name is None:
+      request.signal_name = signal.Signals(signum).name
+      return
+    for s, h in previous.items():
+      signal.signal(s, h)
+    signal.raise_signal(signum)
+
+  if threading.current_thread() is threading.main_thread():
+    previous = {s: signal.signal(s, handler) for s in signums}
+  try:
+    yield request
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _stop_agreed(request: _StopRequest) -> str | None:
+  """The signal that stops every process at this step, or None.
+
+  With several processes the checkpoint is written by all of them together, so they must stop at
+  the same step: the first process that got a signal decides for all (a small all-gather).
+  """
+  if jax.process_count() == 1:
+    return request.signal_name
+  from jax.experimental import multihost_utils
+
+  code = {None: 0, "SIGTERM": 1, "SIGINT": 2}.get(request.signal_name, 1)
+  codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+  return {1: "SIGTERM", 2: "SIGINT"}.get(int(codes.max()))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes training) until `config.train.num_steps`, writing into `workdir`.
 
+  SIGTERM or SIGINT (Ctrl-C) during the loop stops it at the end of the current step, after a
+  checkpoint of that step; the same call then resumes.
+
   Returns:
     The metrics of the last step that was run (empty if nothing was left to do).
+
+  Raises:
+    TrainingStopped: stopped by a signal, after the checkpoint was saved.
+    FloatingPointError: a non-finite metric; the checkpoints written before it are kept.
   """
   run = make_run(config)
   train_config = config.train
@@ -342,7 +400,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last = {}
   step = start_step
   previous_loss = None
-  try:
+  stopped_by = None
+  with contextlib.ExitStack() as cleanup:
+    # Undone in reverse order, also on errors: pending checkpoint saves finish before the exit,
+    # and the signal handlers stay until then.
+    stop = cleanup.enter_context(_stop_on_signals())
+    cleanup.callback(writer.close)
+    cleanup.callback(store.close)
+    cleanup.callback(progress.close)
     for step in range(start_step + 1, train_config.num_steps + 1):
       batch = parallel.put_batch({"image": next(batches)["image"]}, run.mesh)
       state, metrics = step_fn(state, batch, train_key)
@@ -356,6 +421,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log_now = step % train_config.log_every == 0 or is_last or step == start_step + 1
       save_now = step % train_config.checkpoint_every == 0 or is_last
       sample_now = train_config.sample_every > 0 and step % train_config.sample_every == 0
+      # Several processes agree on stopping only at steps where the host waits anyway.
+      if jax.process_count() == 1 or log_now or save_now:
+        stopped_by = None if is_last else _stop_agreed(stop)
+      if stopped_by:
+        # Finish this step: log it and save it (once), but skip its samples to exit quickly.
+        log_now = save_now = True
+        sample_now = False
       if log_now or save_now:
         last = _host_metrics(metrics)
         if not all(math.isfinite(v) for v in last.values()):
@@ -379,10 +451,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         png, _ = sampling.write_samples(workdir, f"step_{step:07d}", samples)
         _say(progress, f"wrote {png}")
-  finally:
-    progress.close()
-    store.close()
-    writer.close()
+      if stopped_by:
+        break
+  if stopped_by:
+    raise TrainingStopped(stopped_by, step)
   if step == start_step:
     logging.info("nothing to do: the checkpoint is at step %d >= train.num_steps", start_step)
   return last

@@ -1,12 +1,16 @@
 """Tests of diffusion_jax.train: the training loop and its files, exact resuming, seeds, the pure
-train step (metrics, warm-up, EMA, per-example keys), sampling from a checkpoint and the stop on
-a non-finite loss."""
+train step (metrics, warm-up, EMA, per-example keys), sampling from a checkpoint, the stop on
+a non-finite loss, SIGKILL and SIGTERM during a run, and broken checkpoints."""
 
 import functools
 import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import types
 
 import flax
@@ -533,6 +537,163 @@ def test_non_finite_metrics_stop_training_and_keep_the_checkpoint(reference, tin
 
   # The kept checkpoint is good: training on with a sane config gives the reference run.
   train.train_and_evaluate(reference.config, str(tmp_path))
+  assert_bitwise_equal(
+    load_state(reference.config, str(tmp_path)), load_state(reference.config, reference.workdir)
+  )
+
+
+# ---------------------------------------------------------------- interruptions and corruption
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
+
+
+def start_worker(signal_name, step, wait_for, workdir, overrides, env):
+  """main.py --config=shapes with `overrides`, sent `signal_name` in the middle of `step`."""
+  flags = [f"--config.{name}={value!r}" for name, value in overrides.items()]
+  command = [sys.executable, WORKER, signal_name, str(step), wait_for, "--config=shapes"]
+  return subprocess.Popen(
+    [*command, f"--workdir={workdir}", *flags],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def finish(process):
+  stdout, stderr = process.communicate(timeout=300)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def last_record_per_step(workdir):
+  """metrics.jsonl as {step: record}; a step logged again after a restart keeps its last record."""
+  return {r["step"]: r for r in read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def interrupted(reference, tmp_path_factory, tiny_overrides, fast_compile_env):
+  """The reference config through main.py, stopped once and then run again to the end.
+
+  kill: SIGKILL in step 5, once the checkpoint of step 3 is on disk. term: SIGTERM in step 4
+  (not a checkpoint step). Both start together, then both restarts (same command, no signal).
+  """
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**env, "JAX_PLATFORMS": "cpu", **fast_compile_env}
+  root = tmp_path_factory.mktemp("interrupted")
+  kill, term = str(root / "kill"), str(root / "term")
+  first = {
+    "kill": start_worker(
+      "SIGKILL", 5, os.path.join(kill, "checkpoints", "3"), kill, tiny_overrides, env
+    ),
+    "term": start_worker("SIGTERM", 4, "-", term, tiny_overrides, env),
+  }
+  first = {name: finish(process) for name, process in first.items()}
+  after_stop = {
+    name: types.SimpleNamespace(steps=saved_steps(w), metrics=read_metrics(w))
+    for name, w in (("kill", kill), ("term", term))
+  }
+  # The step is past the number of batches, so no signal is sent.
+  second = {
+    name: start_worker("SIGTERM", 100, "-", w, tiny_overrides, env)
+    for name, w in (("kill", kill), ("term", term))
+  }
+  second = {name: finish(process) for name, process in second.items()}
+  return types.SimpleNamespace(
+    workdirs={"kill": kill, "term": term}, first=first, after_stop=after_stop, second=second
+  )
+
+
+def assert_same_final_run(reference, workdir):
+  expected = load_state(reference.config, reference.workdir)
+  actual = load_state(reference.config, workdir)
+  assert int(actual.step) == int(expected.step) == reference.config.train.num_steps
+  assert_bitwise_equal(actual.params, expected.params)
+  assert_bitwise_equal(actual.ema_params, expected.ema_params)
+  assert_bitwise_equal(actual.opt_state, expected.opt_state)
+  assert saved_steps(workdir)[-1] == reference.config.train.num_steps
+  assert last_record_per_step(workdir) == last_record_per_step(reference.workdir)
+
+
+def test_sigkill_after_a_checkpoint_loses_only_the_later_steps(reference, interrupted):
+  killed = interrupted.first["kill"]
+  assert killed.returncode == -signal.SIGKILL, killed.stderr
+  # Steps 1..4 were logged, only step 3 was saved: the restart redoes steps 4..6.
+  assert interrupted.after_stop["kill"].steps == [3]
+  assert [r["step"] for r in interrupted.after_stop["kill"].metrics] == [1, 2, 3, 4]
+  restarted = interrupted.second["kill"]
+  assert restarted.returncode == 0, restarted.stderr
+  records = read_metrics(interrupted.workdirs["kill"])
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 4, 5, 6]
+  # Bitwise the uninterrupted run, and step 4 logs the same values both times.
+  assert records[3] == records[4]
+  assert_same_final_run(reference, interrupted.workdirs["kill"])
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, interrupted):
+  stopped = interrupted.first["term"]
+  assert stopped.returncode == 0, stopped.stderr
+  assert "Traceback" not in stopped.stderr
+  message = "stopped by SIGTERM at step 4; checkpoint saved; run the same command to resume"
+  assert stopped.stderr.strip().splitlines()[-1] == message
+  assert interrupted.after_stop["term"].steps == [3, 4]
+  assert [r["step"] for r in interrupted.after_stop["term"].metrics] == [1, 2, 3, 4]
+  # The step-4 checkpoint holds the state of the uninterrupted run after 4 steps: resuming from
+  # it logs steps 5 and 6 only and ends bitwise at the reference.
+  restarted = interrupted.second["term"]
+  assert restarted.returncode == 0, restarted.stderr
+  records = read_metrics(interrupted.workdirs["term"])
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert_same_final_run(reference, interrupted.workdirs["term"])
+
+
+def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers can only be set in the main thread")
+  received = []
+  original = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with train._stop_on_signals() as stop:
+      assert stop.signal_name is None
+      signal.raise_signal(signal.SIGINT)
+      # Only the flag: the previous handler did not run.
+      assert stop.signal_name == "SIGINT" and received == []
+      # A second signal while the stop is pending goes to the previous handler (Ctrl-C twice).
+      signal.raise_signal(signal.SIGINT)
+      assert received == [signal.SIGINT]
+    assert stop.signal_name == "SIGINT"
+    assert {s: signal.getsignal(s) for s in before} == before
+  finally:
+    signal.signal(signal.SIGINT, original)
+
+
+def break_truncate_the_largest_file(step_dir):
+  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def break_remove_the_metadata(step_dir):
+  # The run's own metadata (data position and config); Orbax's _CHECKPOINT_METADATA is optional.
+  os.remove(os.path.join(step_dir, "meta", "metadata"))
+
+
+@pytest.mark.parametrize(
+  "damage", [break_truncate_the_largest_file, break_remove_the_metadata], ids=["truncated", "meta"]
+)
+def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(
+  reference, tmp_path, caplog, damage
+):
+  shutil.copytree(os.path.join(reference.workdir, "checkpoints"), tmp_path / "checkpoints")
+  damage(str(tmp_path / "checkpoints" / "6"))
+  with caplog.at_level("WARNING"):
+    state = load_state(reference.config, str(tmp_path))
+  assert "checkpoint at step 6 is unreadable" in caplog.text
+  assert_bitwise_equal(state, load_state(reference.config, reference.workdir, step=3))
+  # Training resumes from step 3 (the same fallback) and writes a good step 6 over the broken one.
+  train.train_and_evaluate(reference.config, str(tmp_path))
+  assert [r["step"] for r in read_metrics(tmp_path)] == [4, 5, 6]
   assert_bitwise_equal(
     load_state(reference.config, str(tmp_path)), load_state(reference.config, reference.workdir)
   )
