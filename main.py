@@ -85,6 +85,12 @@ def main(argv):
     logging.info("workdir: %s", os.path.abspath(workdir))
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
+    elif train.study_seeds(config) or train.sample_seeds(config):
+      written, (_, summary) = train.sample_study(config, workdir)
+      if jax.process_index() == 0:
+        for png, npz in written:
+          print(f"wrote {config.sample.num_samples} samples: {png} and {npz}")
+        print(f"wrote the seed study summary {summary}")
     else:
       png, npz, samples = train.sample_from_checkpoint(config, workdir)
       if jax.process_index() == 0:

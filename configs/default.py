@@ -10,6 +10,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Root of every random stream: init, train, sample, data.
+  # A training seed study: "0,1,2,3" trains one model per seed in one program (vmapped over a
+  # stacked seed axis), seed s in WORKDIR/seed_<s>, and writes WORKDIR/seed_summary.{json,md}.
+  # Empty: one run of `seed` in WORKDIR.
+  config.seeds = ""
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
@@ -79,5 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num_samples = 64  # Images written by --mode=sample.
   sample.batch_size = 64  # Images per compiled sampling call.
   sample.seed = 0  # Images i of a seed are the same for any batch size or device count.
+  # --mode=sample seed study: "0,1,2,3" draws num_samples images for each of these sample seeds
+  # (disjoint random streams) and writes a summary of their figures. Empty: `sample.seed` only.
+  sample.seeds = ""
 
   return config

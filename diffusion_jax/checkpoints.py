@@ -81,15 +81,11 @@ class CheckpointStore:
     Returns:
       (state, meta), or None when the directory holds no checkpoint.
     """
-    steps = self.all_steps()
-    for step in reversed(steps):
-      try:
-        return self.restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
-        logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
-    if steps:
-      raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps})")
-    return None
+    restored = restore_latest_common([self], abstract_state)
+    if restored is None:
+      return None
+    _, states, metas = restored
+    return states[0], metas[0]
 
   def wait(self) -> None:
     """Blocks until every pending save is on disk."""
@@ -105,3 +101,43 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
   )
+
+
+def restore_latest_common(
+  stores: list[CheckpointStore], abstract_state: Any
+) -> tuple[int, list[Any], list[dict[str, Any]]] | None:
+  """Restores the newest step that every store holds readable, for runs that move together.
+
+  The seeds of a study save the same steps, but an interruption between their saves can leave
+  one seed a checkpoint ahead; all of them then resume from the newest step they share.
+  Unreadable checkpoints are skipped with a warning.
+
+  Args:
+    stores: one store per run.
+    abstract_state: the state's structure, as for `CheckpointStore.restore`.
+
+  Returns:
+    (step, [state per store], [meta per store]), or None when no store holds a checkpoint.
+
+  Raises:
+    ValueError: some stores hold checkpoints and others none (one line).
+    RuntimeError: no step is readable in every store.
+  """
+  steps = [set(store.all_steps()) for store in stores]
+  if not any(steps):
+    return None
+  if not all(steps):
+    empty = [store.directory for store, s in zip(stores, steps, strict=True) if not s]
+    raise ValueError(
+      f"{', '.join(empty)} has no checkpoint while the runs saved with it have: a seed study "
+      f"resumes only with the seeds it started with; start new seeds in a new --workdir"
+    )
+  for step in sorted(set.intersection(*steps), reverse=True):
+    try:
+      restored = [store.restore(step, abstract_state) for store in stores]
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
+      logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+      continue
+    return step, [state for state, _ in restored], [meta for _, meta in restored]
+  where = stores[0].directory if len(stores) == 1 else f"{len(stores)} runs"
+  raise RuntimeError(f"no readable checkpoint in {where} (steps {[sorted(s) for s in steps]})")

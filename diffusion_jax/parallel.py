@@ -118,9 +118,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """The sharding of arrays split along axis 0 over the "data" axis (batches)."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """The sharding of arrays split along `axis` over the "data" axis (batches).
+
+  axis=1 is for batches of a seed study, [K seeds, B, ...]: every device holds its rows of each
+  seed's batch.
+  """
+  return NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA_AXIS))
 
 
 def check_batch_size(
@@ -167,17 +171,19 @@ def check_batch_size(
     )
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles global arrays, sharded on axis 0, from this process's slice of a batch.
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, axis: int = 0) -> dict[str, jax.Array]:
+  """Assembles global arrays, sharded on `axis`, from this process's slice of a batch.
 
   Args:
-    batch: numpy arrays [b, ...], this process's rows of the global batch.
+    batch: numpy arrays [b, ...] (or [K, b, ...] with axis=1), this process's rows of the
+      global batch.
     mesh: the device mesh.
+    axis: the batch axis.
 
   Returns:
     jax.Arrays [b * process_count, ...] sharded over the "data" axis.
   """
-  sharding = batch_sharded(mesh)
+  sharding = batch_sharded(mesh, axis)
   return {
     name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
     for name, value in batch.items()

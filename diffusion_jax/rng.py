@@ -10,6 +10,7 @@ import jax
 INIT = 0
 TRAIN = 1
 SAMPLE = 2
+EVAL = 3  # evaluation figures (e.g. projection directions), shared by the seeds of a study
 
 
 def stream_key(seed: int, stream: int) -> jax.Array:

@@ -25,7 +25,16 @@ import optax
 import tqdm
 from absl import logging
 
-from diffusion_jax import checkpoints, data, diffusion, parallel, rng, samplers, sampling
+from diffusion_jax import (
+  checkpoints,
+  data,
+  diffusion,
+  parallel,
+  rng,
+  samplers,
+  sampling,
+  studies,
+)
 from diffusion_jax.errors import ConfigError, TrainingStopped
 from diffusion_jax.metric_writer import MetricWriter
 from diffusion_jax.models import check_model_config, make_model
@@ -98,6 +107,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  study_seeds(config)
+  sample_seeds(config)
   if config.train.num_steps < 0:
     raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 0")
   if config.diffusion.variance not in diffusion.VARIANCES:
@@ -110,6 +121,22 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
       f"valid: {', '.join(diffusion.PREDICTIONS)}"
     )
+
+
+def study_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
+  """The seeds of a training seed study (`config.seeds`), or None for a single run."""
+  try:
+    return studies.parse_seeds(config.get("seeds", "")) or None
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def sample_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
+  """The sample seeds of a sampling seed study (`config.sample.seeds`), or None."""
+  try:
+    return studies.parse_seeds(config.sample.get("seeds", ""), field="sample.seeds") or None
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def init_state(model: nn.Module, tx, image_shape, key: jax.Array) -> TrainState:
@@ -239,25 +266,34 @@ class Run:
     )
 
 
-def compile_train_step(run: Run):
+def compile_train_step(run: Run, num_seeds: int | None = None):
   """`train_step` jitted over the mesh: (state, batch, train_key) -> (state, metrics).
 
   The state is donated and replicated, the batch sharded over the "data" axis, the metrics
-  replicated.
+  replicated. With `num_seeds` = K, the step is vmapped over a leading seed axis of the state,
+  the batch ([K, B, ...], sharded on axis 1), the train key ([K]) and the metrics: K models
+  train in one program, each exactly as its own single-seed run would up to float rounding.
   """
+  step = lambda state, batch, key: train_step(
+    state,
+    batch,
+    key,
+    model=run.model,
+    schedule=run.schedule,
+    tx=run.tx,
+    train_config=run.config.train,
+    prediction=run.config.diffusion.prediction,
+  )
+  if num_seeds:
+    step = jax.vmap(step)
   return jax.jit(
-    lambda state, batch, key: train_step(
-      state,
-      batch,
-      key,
-      model=run.model,
-      schedule=run.schedule,
-      tx=run.tx,
-      train_config=run.config.train,
-      prediction=run.config.diffusion.prediction,
-    ),
+    step,
     donate_argnums=(0,),
-    in_shardings=(parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh), None),
+    in_shardings=(
+      parallel.replicated(run.mesh),
+      parallel.batch_sharded(run.mesh, axis=1 if num_seeds else 0),
+      None,
+    ),
     out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
   )
 
@@ -279,23 +315,39 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
 
 def restore_or_init(run: Run, store: checkpoints.CheckpointStore) -> TrainState:
   """The latest readable checkpoint's state, or a fresh one from the init stream."""
+  return restore_or_init_seeds(run, [store], [run.config.seed])[0]
+
+
+def restore_or_init_seeds(
+  run: Run, stores: list[checkpoints.CheckpointStore], seeds: list[int]
+) -> list[TrainState]:
+  """One state per seed: all from the newest step every store holds, or all fresh.
+
+  Raises:
+    ConfigError: some seeds have checkpoints and others none.
+  """
   abstract = run.abstract_state()
-  target = flax.serialization.to_state_dict(abstract)
-  restored = store.restore_latest(target)
+  try:
+    restored = checkpoints.restore_latest_common(stores, flax.serialization.to_state_dict(abstract))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if restored is not None:
-    state_dict, _ = restored
-    state = flax.serialization.from_state_dict(abstract, state_dict)
-    logging.info("resumed from the checkpoint at step %d", int(state.step))
-    return state
+    step, state_dicts, _ = restored
+    logging.info("resumed from the checkpoint at step %d", step)
+    return [flax.serialization.from_state_dict(abstract, d) for d in state_dicts]
   init = jax.jit(
     lambda key: init_state(run.model, run.tx, run.image_shape, key),
     out_shardings=parallel.replicated(run.mesh),
   )
-  return init(rng.stream_key(run.config.seed, rng.INIT))
+  return [init(rng.stream_key(seed, rng.INIT)) for seed in seeds]
 
 
-def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _host_metrics(metrics: dict[str, jax.Array], num_seeds: int | None) -> list[dict[str, float]]:
+  """One dict of floats per seed (metrics with a leading seed axis when `num_seeds`)."""
+  values = jax.device_get(metrics)
+  if not num_seeds:
+    return [{k: float(v) for k, v in values.items()}]
+  return [{k: float(v[i]) for k, v in values.items()} for i in range(num_seeds)]
 
 
 @dataclasses.dataclass
@@ -346,14 +398,44 @@ def _stop_agreed(request: _StopRequest) -> str | None:
   return {1: "SIGTERM", 2: "SIGINT"}.get(int(codes.max()))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+@dataclasses.dataclass
+class _Member:
+  """One seed of a run: a single run is one member in WORKDIR; a seed study has K members,
+  seed s in WORKDIR/seed_<s>, each with its own checkpoints, metrics, data order and keys."""
+
+  seed: int
+  workdir: str
+  config: ml_collections.ConfigDict
+
+
+def _members(config: ml_collections.ConfigDict, workdir: str) -> list[_Member]:
+  seeds = study_seeds(config)
+  if seeds is None:
+    return [_Member(config.seed, workdir, config)]
+  return [
+    _Member(s, studies.member_workdir(workdir, s), studies.member_config(config, s)) for s in seeds
+  ]
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=list)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes training) until `config.train.num_steps`, writing into `workdir`.
+
+  With `config.seeds` set, trains one model per seed in one vmapped program, seed s in
+  WORKDIR/seed_<s>, and at the end writes WORKDIR/seed_summary.{json,md}.
 
   SIGTERM or SIGINT (Ctrl-C) during the loop stops it at the end of the current step, after a
   checkpoint of that step; the same call then resumes.
 
   Returns:
-    The metrics of the last step that was run (empty if nothing was left to do).
+    The metrics of the last step that was run (empty if nothing was left to do); for a seed
+    study, {seed: metrics}.
 
   Raises:
     TrainingStopped: stopped by a signal, after the checkpoint was saved.
@@ -361,34 +443,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   run = make_run(config)
   train_config = config.train
+  members = _members(config, workdir)
+  study = study_seeds(config) is not None
+  num_seeds = len(members) if len(members) > 1 else None  # None: no seed axis
   source = data.make_source(config.data)  # Fails early, with a one-line error, on bad data.
   logging.info("data: %s with %d examples", config.data.dataset, len(source))
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=list)
+  _write_config(config, workdir)
+  for member in members if study else []:
+    _write_config(member.config, member.workdir)
 
-  store = checkpoints.CheckpointStore(
-    os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints
+  stores = [
+    checkpoints.CheckpointStore(
+      os.path.join(m.workdir, "checkpoints"), keep=train_config.keep_checkpoints
+    )
+    for m in members
+  ]
+  states = restore_or_init_seeds(run, stores, [m.seed for m in members])
+  start_step = int(states[0].step)
+  state = _stack(*states) if num_seeds else states[0]
+  del states
+  num_params = sum(x.size for x in jax.tree.leaves(state.params)) // (num_seeds or 1)
+  logging.info(
+    "model: %s parameters%s; starting at step %d",
+    f"{num_params:,}",
+    f", {num_seeds} seeds trained together" if num_seeds else "",
+    start_step,
   )
-  state = restore_or_init(run, store)
-  start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("model: %s parameters; starting at step %d", f"{num_params:,}", start_step)
 
-  step_fn = compile_train_step(run)
-  train_key = rng.stream_key(config.seed, rng.TRAIN)
-  sample_key = rng.stream_key(config.seed, rng.SAMPLE)
+  step_fn = compile_train_step(run, num_seeds)
+  train_keys = [rng.stream_key(m.seed, rng.TRAIN) for m in members]
+  train_key = jnp.stack(train_keys) if num_seeds else train_keys[0]
   sample_fn = None
-  batches = data.make_train_iterator(
-    config.data,
-    global_batch_size=train_config.batch_size,
-    seed=config.seed,
-    start_step=start_step,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  writer = MetricWriter(workdir)
+  iterators = [
+    data.make_train_iterator(
+      config.data,
+      global_batch_size=train_config.batch_size,
+      seed=m.seed,
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    for m in members
+  ]
+  writers = [MetricWriter(m.workdir) for m in members]
   progress = tqdm.tqdm(
     total=train_config.num_steps,
     initial=start_step,
@@ -397,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     disable=not train_config.progress or jax.process_index() != 0,
     mininterval=1.0,
   )
-  last = {}
+  last = [{} for _ in members]
   step = start_step
   previous_loss = None
   stopped_by = None
@@ -405,11 +502,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Undone in reverse order, also on errors: pending checkpoint saves finish before the exit,
     # and the signal handlers stay until then.
     stop = cleanup.enter_context(_stop_on_signals())
-    cleanup.callback(writer.close)
-    cleanup.callback(store.close)
+    for writer, store in zip(writers, stores, strict=True):
+      cleanup.callback(writer.close)
+      cleanup.callback(store.close)
     cleanup.callback(progress.close)
     for step in range(start_step + 1, train_config.num_steps + 1):
-      batch = parallel.put_batch({"image": next(batches)["image"]}, run.mesh)
+      images = [next(it)["image"] for it in iterators]
+      images = np.stack(images) if num_seeds else images[0]
+      batch = parallel.put_batch({"image": images}, run.mesh, axis=1 if num_seeds else 0)
       state, metrics = step_fn(state, batch, train_key)
       # Wait for the previous step (not this one) so the progress bar shows the real rate while
       # the device still has the next step queued.
@@ -429,35 +529,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log_now = save_now = True
         sample_now = False
       if log_now or save_now:
-        last = _host_metrics(metrics)
-        if not all(math.isfinite(v) for v in last.values()):
-          raise FloatingPointError(
-            f"non-finite training metrics at step {step}: {last}; the last checkpoint "
-            f"(step {store.latest_step()}) is kept. Lower train.learning_rate or check the data."
-          )
-        writer.write(step, last)
-        progress.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+        last = _host_metrics(metrics, num_seeds)
+        for member, values, writer in zip(members, last, writers, strict=True):
+          if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(
+              f"non-finite training metrics at step {step}"
+              f"{f' of seed {member.seed}' if study else ''}: {values}; the last checkpoint "
+              f"(step {stores[0].latest_step()}) is kept. Lower train.learning_rate or check "
+              f"the data."
+            )
+          writer.write(step, values)
+        losses = [values["loss"] for values in last]
+        progress.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
       if save_now:
-        store.save(step, flax.serialization.to_state_dict(state), _meta(config, step))
+        for i, (member, store) in enumerate(zip(members, stores, strict=True)):
+          member_state = _take_seed(state, i) if num_seeds else state
+          store.save(
+            step, flax.serialization.to_state_dict(member_state), _meta(member.config, step)
+          )
       if (sample_now or is_last) and train_config.num_grid_samples > 0:
         sample_fn = sample_fn or run.sample_fn()
-        _say(progress, f"sampling {train_config.num_grid_samples} images at step {step}")
-        samples = sampling.generate(
-          sample_fn,
-          state.ema_params,
-          sample_key,
-          train_config.num_grid_samples,
-          config.sample.batch_size,
-        )
-        png, _ = sampling.write_samples(workdir, f"step_{step:07d}", samples)
-        _say(progress, f"wrote {png}")
+        for i, member in enumerate(members):
+          _say(progress, f"sampling {train_config.num_grid_samples} images at step {step}")
+          ema_params = _take_seed(state.ema_params, i) if num_seeds else state.ema_params
+          samples = sampling.generate(
+            sample_fn,
+            ema_params,
+            rng.stream_key(member.seed, rng.SAMPLE),
+            train_config.num_grid_samples,
+            config.sample.batch_size,
+          )
+          png, _ = sampling.write_samples(member.workdir, f"step_{step:07d}", samples)
+          _say(progress, f"wrote {png}")
       if stopped_by:
         break
   if stopped_by:
     raise TrainingStopped(stopped_by, step)
   if step == start_step:
     logging.info("nothing to do: the checkpoint is at step %d >= train.num_steps", start_step)
-  return last
+  if study and step == train_config.num_steps and jax.process_index() == 0:
+    paths = write_study_summary(config, workdir, source)
+    _say(progress, f"wrote the seed study summary {paths[1]}")
+  if study:
+    return {member.seed: values for member, values in zip(members, last, strict=True)}
+  return last[0]
+
+
+# The states of K seeds as one pytree with a leading seed axis, and seed i's slice of it (a copy,
+# since the stacked state is donated to the next step). Inputs are replicated, and so are outputs.
+_stack = jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states))
+_take_seed = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree))
+
+
+def write_study_summary(
+  config: ml_collections.ConfigDict, workdir: str, source=None
+) -> tuple[str, str]:
+  """WORKDIR/seed_summary.{json,md} of a finished training seed study.
+
+  Per seed: the final loss, the mean loss of the last 10% of the steps and, where the seed's
+  final sample grid exists, the figures of `studies.sample_figures` against the first images of
+  the data set (the same images and projection directions for every seed).
+  """
+  seeds = study_seeds(config)
+  num_steps = config.train.num_steps
+  source = source or data.make_source(config.data)
+  key = rng.stream_key(config.seed, rng.EVAL)
+  per_seed = {}
+  for seed in seeds:
+    member = studies.member_workdir(workdir, seed)
+    figures = studies.training_figures(member, num_steps)
+    npz = os.path.join(member, "samples", f"step_{num_steps:07d}.npz")
+    if os.path.exists(npz):
+      with np.load(npz) as f:
+        samples = f["samples"]
+      reference = np.stack([source[i]["image"] for i in range(min(len(samples), len(source)))])
+      figures.update(studies.sample_figures(samples, reference, key))
+    per_seed[seed] = figures
+  return studies.write_summary(workdir, studies.summarize(studies.common_figures(per_seed)))
 
 
 def _say(progress: tqdm.tqdm, message: str) -> None:
@@ -481,6 +629,10 @@ def sample_from_checkpoint(
     (png path, npz path, uint8 samples [N, H, W, C]).
   """
   run = make_run(config)
+  return _sample_run(run, run.sample_fn(), config, workdir)
+
+
+def _sample_run(run: Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
@@ -491,10 +643,58 @@ def sample_from_checkpoint(
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
   start = time.time()
   samples = sampling.generate(
-    run.sample_fn(), state.ema_params, key, config.sample.num_samples, config.sample.batch_size
+    sample_fn, state.ema_params, key, config.sample.num_samples, config.sample.batch_size
   )
   logging.info("sampled %d images in %.1fs", len(samples), time.time() - start)
   png, npz = sampling.write_samples(
     workdir, f"samples_{step:07d}_seed{config.sample.seed}", samples
   )
   return png, npz, samples
+
+
+def sample_study(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+  """--mode=sample for a seed study, compiled once for all of its sample sets.
+
+  With `sample.seeds`: num_samples images of the one model in WORKDIR for each sample seed (the
+  sets come from disjoint random streams). With `seeds` (a training study's WORKDIR): num_samples
+  images of each seed's model, with `sample.seed`. Each set is written like --mode=sample writes
+  it; WORKDIR/sample_seed_summary.{json,md} gets the figures of `studies.sample_figures` per seed
+  against the first num_samples images of the data set.
+
+  Returns:
+    ([(png, npz) per seed], (summary json, summary markdown)).
+  """
+  train_seeds, sample_seed_list = study_seeds(config), sample_seeds(config)
+  if train_seeds and sample_seed_list:
+    raise ConfigError(
+      "set either seeds (one sample set per trained seed) or sample.seeds (several sample sets "
+      "of one model), not both"
+    )
+  if train_seeds:
+    runs = {
+      s: (studies.member_config(config, s), studies.member_workdir(workdir, s)) for s in train_seeds
+    }
+  else:
+    runs = {}
+    for s in sample_seed_list:
+      member = ml_collections.ConfigDict(config.to_dict())
+      member.sample.seed, member.sample.seeds = s, ""
+      runs[s] = (member, workdir)
+  run = make_run(config)
+  sample_fn = run.sample_fn()
+  source = data.make_source(config.data)
+  count = min(config.sample.num_samples, len(source))
+  reference = np.stack([source[i]["image"] for i in range(count)])
+  key = rng.stream_key(config.seed, rng.EVAL)
+  written, per_seed = [], {}
+  for seed, (member_config, member_workdir) in runs.items():
+    png, npz, samples = _sample_run(run, sample_fn, member_config, member_workdir)
+    written.append((png, npz))
+    per_seed[seed] = studies.sample_figures(samples[:count], reference, key)
+  paths = ("", "")
+  if jax.process_index() == 0:
+    summary = studies.summarize(per_seed)
+    paths = studies.write_summary(workdir, summary, name="sample_seed_summary")
+  return written, paths

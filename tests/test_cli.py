@@ -53,6 +53,11 @@ ERROR_CASES = {
     {},
     ["data.dataset", "nosuchset", "unknown"],
   ),
+  "repeated_seed": (
+    ["--config=shapes", "--config.seeds=0,1,1"],
+    {},
+    ["seeds='0,1,1'", "distinct non-negative integers"],
+  ),
   "unknown_prediction": (
     ["--config=shapes", "--config.diffusion.prediction=score"],
     {},

@@ -4,6 +4,7 @@ coverage on simulated studies, and the JSON / Markdown round trip."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -68,3 +69,77 @@ def test_write_summary_json_round_trip_and_markdown(tmp_path):
   assert lines[2:5] == ["| 0 | 1 |", "| 1 | 3 |", "| mean | 2 |"]
   # t(0.975, 1) = 12.7062; std sqrt(2); half-width 12.7062 * sqrt(2) / sqrt(2).
   assert lines[6] == "| 95% CI of the mean | [-10.7062, 14.7062] |"
+
+
+# ---------------------------------------------------------------- seed lists and run figures
+
+
+@pytest.mark.parametrize(
+  "value, seeds",
+  [("", []), (None, []), ("0,1,2,3", [0, 1, 2, 3]), (" 7 , 2", [7, 2]), ((1, 4), [1, 4]), (5, [5])],
+)
+def test_parse_seeds(value, seeds):
+  assert studies.parse_seeds(value) == seeds
+
+
+@pytest.mark.parametrize("value", ["0,x", "1,1", "-1", "0,,1", "1.5"])
+def test_parse_seeds_rejects_bad_lists(value):
+  with pytest.raises(ValueError, match=r"seeds=.*distinct non-negative integers.*seeds=0,1,2,3"):
+    studies.parse_seeds(value)
+
+
+def test_training_figures_count_a_repeated_step_once(tmp_path):
+  # Steps 9 and 10 were run twice (a resume from step 8); the later records count.
+  records = [(s, float(s)) for s in range(1, 11)] + [(9, 90.0), (10, 100.0)]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step, loss in records:
+      f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+  figures = studies.training_figures(str(tmp_path), 10)
+  assert figures == {"final_loss": 100.0, "tail_loss": 100.0}
+  with pytest.raises(ValueError, match="no metrics for step 20"):
+    studies.training_figures(str(tmp_path), 20)
+
+
+def test_tail_loss_is_the_mean_of_the_last_tenth(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step in range(10, 101, 10):
+      f.write(json.dumps({"step": step, "loss": float(step)}) + "\n")
+  # The last 10% of 100 steps are steps 91-100: one record, step 100.
+  assert studies.training_figures(str(tmp_path), 100)["tail_loss"] == 100.0
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    for step in range(101, 201):
+      f.write(json.dumps({"step": step, "loss": float(step)}) + "\n")
+  # Steps 181-200.
+  assert studies.training_figures(str(tmp_path), 200)["tail_loss"] == pytest.approx(190.5)
+
+
+# ---------------------------------------------------------------- sliced Wasserstein distance
+
+
+def test_sliced_wasserstein_per_direction_against_scipy():
+  from scipy.stats import wasserstein_distance
+
+  from diffusion_jax import evaluation
+
+  gen = np.random.default_rng(0)
+  x, y = gen.normal(size=(50, 6)), gen.normal(1.0, 2.0, size=(50, 6))
+  key = jax.random.key(3)
+  directions = np.asarray(jax.random.normal(key, (6, 64)), np.float64)
+  directions /= np.linalg.norm(directions, axis=0)
+  expected = np.mean([wasserstein_distance(x @ u, y @ u) for u in directions.T])
+  assert evaluation.sliced_wasserstein(x, y, key, 64) == pytest.approx(expected, rel=1e-10)
+  assert evaluation.sliced_wasserstein(x, x[::-1], key, 64) == 0.0
+
+
+def test_sliced_wasserstein_of_a_translation():
+  """y = x + c: every direction u gives exactly |<u, c>|, whose mean over the sphere in R^D is
+  |c| Γ(D/2) / (√π Γ((D+1)/2))."""
+  from diffusion_jax import evaluation
+
+  dim = 12
+  x = np.random.default_rng(1).normal(size=(40, dim))
+  c = np.linspace(-1.0, 2.0, dim)
+  sphere_mean = math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+  estimate = evaluation.sliced_wasserstein(x, x + c, jax.random.key(0), 20_000)
+  # 20,000 directions: the Monte Carlo error of the mean of |<u, c>| is below 1%.
+  assert estimate == pytest.approx(np.linalg.norm(c) * sphere_mean, rel=0.02)
