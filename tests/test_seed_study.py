@@ -47,7 +47,7 @@ def max_abs_diff(first, second):
 def study(tiny_config, tmp_path_factory):
   """A 3-seed study of the tiny setup and the three single-seed runs it must reproduce."""
   root = tmp_path_factory.mktemp("study")
-  config = tiny_config({"seeds": ",".join(map(str, SEEDS))})
+  config = tiny_config({"seeds": ",".join(map(str, SEEDS)), "train.seed_batching": "vmap"})
   last = train.train_and_evaluate(config, str(root / "study"))
   singles = {}
   for seed in SEEDS:
@@ -118,8 +118,11 @@ def test_study_layout_and_summary(study):
     assert json.load(f) == summary
 
 
-def test_vmapped_step_with_dropout_matches_single_steps(tiny_config):
-  config = tiny_config({"model.dropout": 0.1, "train.warmup_steps": 0})
+@pytest.mark.parametrize("seed_batching", ["vmap", "unroll"])
+def test_seed_study_step_with_dropout_matches_single_steps(tiny_config, seed_batching):
+  config = tiny_config(
+    {"model.dropout": 0.1, "train.warmup_steps": 0, "train.seed_batching": seed_batching}
+  )
   run = train.make_run(config)
   init = jax.jit(lambda key: train.init_state(run.model, run.tx, run.image_shape, key))
   seeds = (3, 4)
@@ -255,3 +258,8 @@ def test_flax_state_dict_round_trip_of_a_seed_slice(study, tiny_config):
   assert trees_equal(
     flax.serialization.to_state_dict(again), flax.serialization.to_state_dict(state)
   )
+
+
+def test_unknown_seed_batching_is_a_one_line_error(tiny_config):
+  with pytest.raises(ConfigError, match="train.seed_batching='pmap' is unknown; valid: auto, vmap"):
+    train.make_run(tiny_config({"train.seed_batching": "pmap"}))
