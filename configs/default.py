@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.num_groups = 32  # GroupNorm groups.
   model.resamp_with_conv = True  # Convolutions in the down/up-sampling layers.
-  model.out_channels = 3  # Channels predicted (eps has as many as the image).
+  # Channels predicted: as many as the image, twice that for diffusion.variance="learned_range"
+  # (the prediction, then the variance value v): diffusion.output_channels(3, variance).
+  model.out_channels = 3
   model.dtype = "float32"  # Compute dtype; parameters stay float32.
   model.patch_size = 1  # >1: fold p x p pixel patches into channels first (1/p**2 of the compute).
 
@@ -50,11 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.beta_start = 1e-4  # linear schedule only.
   diffusion.beta_end = 0.02  # linear schedule only.
   diffusion.cosine_s = 0.008  # cosine schedule only.
-  diffusion.variance = (
-    "fixed_large"  # Reverse-step variance: "fixed_large" (β) or "fixed_small" (β̃).
-  )
+  # Reverse-step variance: "fixed_large" (β), "fixed_small" (β̃) or "learned_range" (learned per
+  # pixel between the two on a log scale, improved DDPM; needs model.out_channels = 2 * channels).
+  diffusion.variance = "fixed_large"
   diffusion.clip_x0 = True  # Clip the predicted x0 to [-1, 1] in each reverse step.
   diffusion.prediction = "eps"  # What the network predicts: "eps" (DDPM), "x0" or "v".
+  # Training loss: "simple" (the squared error of the prediction), "hybrid" (simple plus
+  # vlb_weight times the variational bound, which then trains only the learned variance; needs
+  # variance="learned_range") or "vlb" (the variational bound alone).
+  diffusion.loss = "simple"
+  diffusion.vlb_weight = 0.001  # λ of the hybrid loss (improved DDPM).
+  # How training draws t: "uniform", or "importance" (p_t ∝ the RMS of the last 10 losses at t,
+  # losses weighted by 1 / (T p_t); improved DDPM uses it with loss="vlb").
+  diffusion.t_sampling = "uniform"
 
   # ---------------------------------------------------------------- train
   config.train = train = ml_collections.ConfigDict()
@@ -91,5 +101,16 @@ def get_config() -> ml_collections.ConfigDict:
   # --mode=sample seed study: "0,1,2,3" draws num_samples images for each of these sample seeds
   # (disjoint random streams) and writes a summary of their figures. Empty: `sample.seed` only.
   sample.seeds = ""
+
+  # ---------------------------------------------------------------- eval
+  # --mode=eval: the variational bound on the negative log-likelihood in bits per dimension, on
+  # held-out data, with the EMA parameters. It costs num_timesteps network evaluations per image.
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.split = "test"  # tfds split of data.dataset evaluated.
+  evaluation.num_examples = 10_000  # Images evaluated (from the start of the split); 0: all.
+  evaluation.batch_size = 128  # Images per compiled call (global, over all devices).
+  evaluation.timesteps_per_call = 1  # Timesteps per network call: fewer, bigger calls.
+  evaluation.clip_x0 = True  # Clip the predicted x0 to [-1, 1] (keeps the bound valid).
+  evaluation.seed = 0  # The noise of image i depends only on (seed, i).
 
   return config

@@ -12,7 +12,10 @@ import jax.numpy as jnp
 
 from diffusion_jax.schedules import Schedule, extract
 
-VARIANCES = ("fixed_large", "fixed_small")
+# The reverse-step variance σ_t²: β_t ("fixed_large"), β̃_t ("fixed_small"), or learned per pixel
+# between the two on a log scale ("learned_range", improved DDPM): the network then outputs twice
+# the image's channels, see `split_output`.
+VARIANCES = ("fixed_large", "fixed_small", "learned_range")
 # What the network predicts: the noise ε (DDPM), the clean image x0, or the velocity
 # v = √ᾱ_t ε - √(1 - ᾱ_t) x0 (Salimans & Ho 2022).
 PREDICTIONS = ("eps", "x0", "v")
@@ -122,14 +125,81 @@ def predict_x0(
   raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
 
 
+def output_channels(image_channels: int, variance: str) -> int:
+  """Channels the network outputs: 2C for "learned_range" (prediction, then v), else C.
+
+  Args:
+    image_channels: C, the channels of the images.
+    variance: one of VARIANCES.
+
+  Returns:
+    The value for the config's `model.out_channels`.
+  """
+  _check_variance(variance)
+  return 2 * image_channels if variance == "learned_range" else image_channels
+
+
+def split_output(model_output: jax.Array, variance: str) -> tuple[jax.Array, jax.Array | None]:
+  """Splits the network's output into its prediction part and its variance part.
+
+  Args:
+    model_output: [B, ..., C'] the network's output: C' = C for the fixed variances, C' = 2C for
+      "learned_range", whose first C channels are the prediction (ε, x0 or v) and last C the
+      variance interpolation value v of `learned_range_log_variance`.
+    variance: one of VARIANCES.
+
+  Returns:
+    (prediction [B, ..., C], v [B, ..., C] or None for the fixed variances). A sampler that does
+    not use the variance takes the first part and ignores the second.
+  """
+  _check_variance(variance)
+  if variance != "learned_range":
+    return model_output, None
+  if model_output.shape[-1] % 2:
+    raise ValueError(
+      f"variance 'learned_range' needs an even number of output channels (the prediction, then "
+      f"v), got {model_output.shape[-1]}; set model.out_channels = 2 * image channels"
+    )
+  prediction, v = jnp.split(model_output, 2, axis=-1)
+  return prediction, v
+
+
+def learned_range_log_variance(schedule: Schedule, t: jax.Array, v: jax.Array) -> jax.Array:
+  """log σ_t² = f log β_t + (1 - f) log β̃_t with f = (v + 1) / 2 (Nichol & Dhariwal 2021).
+
+  log β̃_t is the clipped posterior log-variance (log β̃ at t=1 in place of log 0 at t=0). The
+  upper end is log β_t at every t, t=0 included, unlike "fixed_large" (which uses β̃ at t=1 there):
+  so the decoder p(x0 | x1) at t=0 keeps a learnable range from β̃[1] to β[0] (β̃[1] is about
+  β[0]/2 when β changes slowly), and its upper end β[0] is the decoder variance that makes the
+  likelihood bound tight for smooth data as T grows. Hence v = +1 gives exactly the
+  "fixed_large" log-variance for t >= 1 (and log β[0] at t=0), and v = -1 exactly the
+  "fixed_small" log-variance for every t. v is not clipped: as in the paper, values outside
+  [-1, 1] extrapolate beyond the range (a trained network hardly produces them).
+
+  Args:
+    schedule: the noise schedule.
+    t: [B] int timesteps.
+    v: [B, ...] the network's variance output, nominally in [-1, 1].
+
+  Returns:
+    [B, ...] float32 log-variance, per pixel.
+  """
+  max_log = extract(jnp.log(schedule.betas), t, v.ndim)
+  min_log = extract(schedule.posterior_log_variance_clipped, t, v.ndim)
+  frac = (v.astype(jnp.float32) + 1.0) / 2.0
+  return frac * max_log + (1.0 - frac) * min_log
+
+
 def reverse_variance(
   schedule: Schedule, t: jax.Array, variance: str, ndim: int
 ) -> tuple[jax.Array, jax.Array]:
-  """σ_t² of the reverse step and its log, shaped [B, 1, ...].
+  """σ_t² of the reverse step and its log for the fixed variances, shaped [B, 1, ...].
 
   "fixed_large" is β_t (with β̃_1 at t=0, as the original DDPM code, so the log stays finite);
-  "fixed_small" is the posterior variance β̃_t with the clipped log.
+  "fixed_small" is the posterior variance β̃_t with the clipped log. ("learned_range" depends
+  on the network's output: see `learned_range_log_variance`.)
   """
+  _check_variance(variance)
   if variance == "fixed_large":
     var = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
     return extract(var, t, ndim), extract(jnp.log(var), t, ndim)
@@ -138,7 +208,12 @@ def reverse_variance(
       extract(schedule.posterior_variance, t, ndim),
       extract(schedule.posterior_log_variance_clipped, t, ndim),
     )
-  raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+  raise ValueError("variance 'learned_range' depends on the network: use p_mean_variance")
+
+
+def _check_variance(variance: str) -> None:
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
 
 
 def p_mean_variance(
@@ -158,31 +233,60 @@ def p_mean_variance(
 
   Args:
     schedule: the noise schedule.
-    model_output: the network's output at (x_t, t), same shape as x_t: ε, x0 or v as
-      `prediction` says.
-    x_t: [B, ...] noisy data.
+    model_output: the network's output at (x_t, t): [B, ..., C] with ε, x0 or v as `prediction`
+      says; for "learned_range" [B, ..., 2C], that prediction followed by the variance value v
+      (`split_output`).
+    x_t: [B, ..., C] noisy data.
     t: [B] int timesteps.
-    variance: "fixed_large" (σ² = β_t) or "fixed_small" (σ² = β̃_t).
+    variance: "fixed_large" (σ² = β_t), "fixed_small" (σ² = β̃_t) or "learned_range"
+      (`learned_range_log_variance`).
     clip_x0: clip x̂0 to [-1, 1] before forming the mean.
     prediction: one of PREDICTIONS.
 
   Returns:
-    (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...], pred_x0 [B, ...]).
+    (mean [B, ...], variance, log_variance, pred_x0 [B, ...]); the variances are [B, 1, ...] for
+    the fixed variances and [B, ..., C] (per pixel) for "learned_range".
   """
-  var, log_var = reverse_variance(schedule, t, variance, x_t.ndim)
-  pred_x0 = predict_x0(schedule, x_t, t, model_output, prediction)
+  output, v = split_output(model_output, variance)
+  if v is None:
+    var, log_var = reverse_variance(schedule, t, variance, x_t.ndim)
+    var = jnp.broadcast_to(var, log_var.shape)
+  else:
+    chex.assert_equal_shape([v, x_t])
+    log_var = learned_range_log_variance(schedule, t, v)
+    var = jnp.exp(log_var)
+  pred_x0 = predict_x0(schedule, x_t, t, output, prediction)
   if clip_x0:
     pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
   mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
-  return mean, jnp.broadcast_to(var, log_var.shape), log_var, pred_x0
+  return mean, var, log_var, pred_x0
 
 
 def draw_t_and_noise(
-  schedule: Schedule, key: jax.Array, shape: tuple[int, ...]
+  schedule: Schedule,
+  key: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  t_probs: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """The random inputs of L_simple: t ~ U{0..T-1} [B] int32 and ε ~ N(0, I) of `shape` [B, ...]."""
+  """The random inputs of a training loss: t [B] int32 and ε ~ N(0, I) of `shape` [B, ...].
+
+  Args:
+    schedule: the noise schedule.
+    key: the PRNG key both are drawn from.
+    shape: [B, ...] the shape of x0.
+    t_probs: None for t ~ U{0..T-1}, or [T] probabilities p_t to draw t from (importance
+      sampling; the noise is the same either way).
+
+  Returns:
+    (t [B] int32, ε [B, ...] float32).
+  """
   t_key, noise_key = jax.random.split(key)
-  t = jax.random.randint(t_key, shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)
+  if t_probs is None:
+    t = jax.random.randint(t_key, shape[:1], 0, schedule.num_timesteps, dtype=jnp.int32)
+  else:
+    chex.assert_shape(t_probs, (schedule.num_timesteps,))
+    t = jax.random.categorical(t_key, jnp.log(t_probs), shape=shape[:1]).astype(jnp.int32)
   return t, jax.random.normal(noise_key, shape, dtype=jnp.float32)
 
 

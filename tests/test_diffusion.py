@@ -445,3 +445,147 @@ def test_simple_loss_same_key_same_loss_and_jit():
   np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5)
   d = diffusion.simple_loss(_schedule(), fn, x0, jax.random.key(6))
   assert not np.allclose(np.asarray(a), np.asarray(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# learned-range variance
+
+
+def _learned_output(eps: np.ndarray, v: np.ndarray) -> jnp.ndarray:
+  return jnp.concatenate([jnp.asarray(eps), jnp.asarray(v, jnp.float32)], axis=-1)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_learned_range_endpoints_are_the_fixed_variances(name):
+  """v = +1 gives fixed_large's log-variance at every t >= 1 and v = -1 fixed_small's at every t.
+
+  Bit for bit (the interpolation weights are exactly 1 and 0). At t = 0, v = +1 gives log β[0]
+  instead of fixed_large's log β̃[1], and the variance exp(log β̃[1]) of v = -1 stands in for
+  fixed_small's unclipped β̃[0] = 0; the sampler uses only the log-variance, and not at t = 0.
+  """
+  sched = _schedule(name)
+  ts = np.arange(T, dtype=np.int32)
+  rng = np.random.default_rng(20)
+  x_t = rng.standard_normal((T, 2, 2, 3)).astype(np.float32)
+  eps = rng.standard_normal((T, 2, 2, 3)).astype(np.float32)
+  args = (jnp.asarray(x_t), jnp.asarray(ts))
+  fixed = {
+    variance: diffusion.p_mean_variance(sched, jnp.asarray(eps), *args, variance=variance)
+    for variance in ("fixed_large", "fixed_small")
+  }
+  for v, variance in ((1.0, "fixed_large"), (-1.0, "fixed_small")):
+    mean, var, log_var, pred_x0 = diffusion.p_mean_variance(
+      sched, _learned_output(eps, np.full_like(eps, v)), *args, variance="learned_range"
+    )
+    assert var.shape == log_var.shape == x_t.shape  # per pixel
+    f_mean, f_var, f_log_var, f_pred_x0 = (np.asarray(a) for a in fixed[variance])
+    np.testing.assert_array_equal(np.asarray(mean), f_mean)
+    np.testing.assert_array_equal(np.asarray(pred_x0), f_pred_x0)
+    f_log_var = np.broadcast_to(f_log_var, x_t.shape)
+    f_var = np.broadcast_to(f_var, x_t.shape)
+    first = 1 if variance == "fixed_large" else 0
+    np.testing.assert_array_equal(np.asarray(log_var)[first:], f_log_var[first:])
+    np.testing.assert_allclose(np.asarray(var)[1:], f_var[1:], rtol=1e-6)
+  # t = 0 with v = +1: beta_0.
+  _, var, log_var, _ = diffusion.p_mean_variance(
+    sched,
+    _learned_output(eps[:1], np.ones_like(eps[:1])),
+    *(a[:1] for a in args),
+    variance="learned_range",
+  )
+  np.testing.assert_allclose(np.asarray(var), _ref(name)["betas"][0], rtol=1e-5)
+
+
+def test_learned_range_interpolates_log_variance_per_pixel():
+  ts = np.array([0, 1, 2, 37, 500, 998, 999], dtype=np.int32)
+  rng = np.random.default_rng(21)
+  x_t = rng.standard_normal((len(ts), *IMAGE)).astype(np.float32)
+  eps = rng.standard_normal((len(ts), *IMAGE)).astype(np.float32)
+  v = rng.uniform(-1.0, 1.0, (len(ts), *IMAGE)).astype(np.float32)
+  _, var, log_var, _ = diffusion.p_mean_variance(
+    _schedule(),
+    _learned_output(eps, v),
+    jnp.asarray(x_t),
+    jnp.asarray(ts),
+    variance="learned_range",
+  )
+  r = _ref()
+  abar_prev = np.concatenate([[1.0], r["abar"][:-1]])
+  beta_tilde = r["betas"] * (1.0 - abar_prev) / (1.0 - r["abar"])
+  min_log = np.log(np.append(beta_tilde[1], beta_tilde[1:]))[ts]
+  max_log = np.log(r["betas"])[ts]
+  frac = (np.float64(v) + 1.0) / 2.0
+  expected = frac * _b(max_log) + (1.0 - frac) * _b(min_log)
+  np.testing.assert_allclose(np.asarray(log_var), expected, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(var), np.exp(expected), rtol=2e-5)
+  # Between the two fixed variances (inclusive) for t >= 1.
+  assert np.all(np.asarray(log_var)[1:] <= _b(max_log[1:]) + 1e-6)
+  assert np.all(np.asarray(log_var)[1:] >= _b(min_log[1:]) - 1e-6)
+
+
+def test_split_output_and_output_channels():
+  out = jnp.arange(2 * 2 * 2 * 6, dtype=jnp.float32).reshape(2, 2, 2, 6)
+  prediction, v = diffusion.split_output(out, "learned_range")
+  np.testing.assert_array_equal(np.asarray(prediction), np.asarray(out[..., :3]))
+  np.testing.assert_array_equal(np.asarray(v), np.asarray(out[..., 3:]))
+  for variance in ("fixed_large", "fixed_small"):
+    prediction, v = diffusion.split_output(out, variance)
+    assert prediction is out and v is None
+    assert diffusion.output_channels(3, variance) == 3
+  assert diffusion.output_channels(3, "learned_range") == 6
+  with pytest.raises(ValueError, match="even number of output channels"):
+    diffusion.split_output(out[..., :5], "learned_range")
+  with pytest.raises(ValueError, match="valid: fixed_large, fixed_small, learned_range"):
+    diffusion.output_channels(3, "learned")
+  # A learned-range output of the wrong width for x_t is a shape error, not a silent broadcast.
+  with pytest.raises(AssertionError):
+    diffusion.p_mean_variance(
+      _schedule(), out[..., :4], out[..., :3], jnp.array([3, 4]), variance="learned_range"
+    )
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_prediction_conversions_round_trip(name):
+  """v -> x0 -> eps -> v and eps -> x0 -> v -> x0 -> eps, in float32 against the start.
+
+  x0 from v and v from (x0, eps) have coefficients at most 1; eps from x0 divides by
+  sqrt(1 - abar_t) (about 1e-2 at t = 0), x0 from eps by sqrt(abar_t) (about 1e-2 at the last t
+  of the cosine schedule): the tolerances scale with those factors.
+  """
+  ts = np.array([0, 1, 2, 37, 500, 900, 998, 999], dtype=np.int32)
+  sched = _schedule(name)
+  rng = np.random.default_rng(22)
+  x_t = jnp.asarray(rng.standard_normal((len(ts), *IMAGE)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((len(ts), *IMAGE)), jnp.float32)
+  t = jnp.asarray(ts)
+  abar = _b(_ref(name)["abar"][ts])
+  x0 = diffusion.predict_x0(sched, x_t, t, v, "v")
+  eps = diffusion.predict_eps_from_x0(sched, x_t, t, x0)
+  v_back = diffusion.v_target(sched, x0, t, eps)
+  assert np.all(np.abs(np.asarray(v_back - v)) <= 3e-6 / np.sqrt(1.0 - abar))
+  # The same x0 from eps and from v, and the eps-model's x0 turned back into eps.
+  x0_from_eps = diffusion.predict_x0(sched, x_t, t, eps, "eps")
+  assert np.all(np.abs(np.asarray(x0_from_eps - x0)) <= 3e-6 / np.sqrt(abar * (1.0 - abar)))
+  eps2 = diffusion.predict_eps_from_x0(sched, x_t, t, x0_from_eps)
+  assert np.all(np.abs(np.asarray(eps2 - eps)) <= 3e-6 / np.sqrt(abar * (1.0 - abar)))
+  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps holds for the converted pair.
+  np.testing.assert_allclose(
+    np.asarray(diffusion.q_sample(sched, x0, t, eps)), np.asarray(x_t), rtol=0, atol=1e-5
+  )
+
+
+def test_draw_t_from_probabilities():
+  t_max, n = 8, 4000
+  sched = schedules.make_schedule("linear", t_max)
+  probs = jnp.asarray([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.0], jnp.float32)
+  keys = jax.random.split(jax.random.key(0), n)
+  draw = jax.jit(jax.vmap(lambda k: diffusion.draw_t_and_noise(sched, k, (1, 2), t_probs=probs)))
+  t, noise = draw(keys)
+  counts = np.bincount(np.asarray(t).ravel(), minlength=t_max)
+  p = np.asarray(probs, np.float64)
+  assert counts[-1] == 0  # p = 0 is never drawn
+  # Each count ~ Binomial(n, p_t); 5 standard deviations.
+  assert np.all(np.abs(counts - n * p) <= 5.0 * np.sqrt(n * p * (1.0 - p)) + 1e-9), counts
+  # The noise does not depend on how t is drawn.
+  _, uniform_noise = jax.vmap(lambda k: diffusion.draw_t_and_noise(sched, k, (1, 2)))(keys)
+  np.testing.assert_array_equal(np.asarray(noise), np.asarray(uniform_noise))
