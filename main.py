@@ -24,7 +24,13 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config name (configs/NAME.py) or path.")
 flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "sample", "eval"],
+  "train (resumes from the workdir), sample (the latest checkpoint's EMA params) or eval "
+  "(bits/dim of the latest checkpoint on eval.split).",
+)
 flags.DEFINE_bool(
   "distributed",
   False,
@@ -85,6 +91,17 @@ def main(argv):
     logging.info("workdir: %s", os.path.abspath(workdir))
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == "eval":
+      from diffusion_jax import evaluate
+
+      result, path = evaluate.evaluate(config, workdir)
+      if jax.process_index() == 0:
+        print(
+          f"bits/dim {result['bits_per_dim']:.4f} ± {result['bits_per_dim_stderr']:.4f} "
+          f"(step {result['step']}, {result['num_examples']} images of {result['split']}; "
+          f"prior {result['prior']:.4f}, decoder {result['decoder']:.4f}, "
+          f"KL terms {result['kl']:.4f}): {path}"
+        )
     elif train.study_seeds(config) or train.sample_seeds(config):
       written, (_, summary) = train.sample_study(config, workdir)
       if jax.process_index() == 0:

@@ -29,6 +29,8 @@ from diffusion_jax import (
   checkpoints,
   data,
   diffusion,
+  importance,
+  losses,
   parallel,
   rng,
   samplers,
@@ -47,6 +49,9 @@ class TrainState:
   params: Any  # model parameters, float32
   ema_params: Any  # exponential moving average of params, used for sampling
   opt_state: optax.OptState
+  # diffusion.t_sampling="importance": the recent losses at each t (importance.LossHistory);
+  # None for uniform t.
+  t_history: Any = None
 
 
 # ---------------------------------------------------------------- construction from the config
@@ -117,6 +122,26 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.variance={config.diffusion.variance!r} is unknown; "
       f"valid: {', '.join(diffusion.VARIANCES)}"
     )
+  loss_type = config.diffusion.get("loss", "simple")
+  if loss_type not in losses.LOSS_TYPES:
+    raise ConfigError(
+      f"diffusion.loss={loss_type!r} is unknown; valid: {', '.join(losses.LOSS_TYPES)}"
+    )
+  try:
+    losses.check_loss(loss_type, config.diffusion.variance)
+  except ValueError as e:
+    raise ConfigError(f"diffusion.loss={loss_type!r}: {e}") from e
+  channels = diffusion.output_channels(3, config.diffusion.variance)
+  if config.model.out_channels != channels:
+    raise ConfigError(
+      f"model.out_channels={config.model.out_channels} does not fit "
+      f"diffusion.variance={config.diffusion.variance!r}; set it to {channels}"
+    )
+  if config.diffusion.get("t_sampling", "uniform") not in T_SAMPLING:
+    raise ConfigError(
+      f"diffusion.t_sampling={config.diffusion.t_sampling!r} is unknown; "
+      f"valid: {', '.join(T_SAMPLING)}"
+    )
   if config.diffusion.prediction not in diffusion.PREDICTIONS:
     raise ConfigError(
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
@@ -133,6 +158,7 @@ def study_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
 
 
 SEED_BATCHING = ("auto", "vmap", "unroll")
+T_SAMPLING = ("uniform", "importance")
 
 
 def seed_batching(config: ml_collections.ConfigDict) -> str:
@@ -153,12 +179,23 @@ def sample_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
     raise ConfigError(str(e)) from e
 
 
-def init_state(model: nn.Module, tx, image_shape, key: jax.Array) -> TrainState:
-  """A fresh TrainState at step 0 (EMA params start equal to params)."""
+def init_state(
+  model: nn.Module, tx, image_shape, key: jax.Array, *, t_history_size: int | None = None
+) -> TrainState:
+  """A fresh TrainState at step 0 (EMA params start equal to params).
+
+  Args:
+    t_history_size: T, for importance sampling of t (an empty `importance.LossHistory`); None
+      for uniform t.
+  """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   params = model.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
   return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=tx.init(params),
+    t_history=None if t_history_size is None else importance.init(t_history_size),
   )
 
 
@@ -175,18 +212,25 @@ def train_step(
   tx: optax.GradientTransformation,
   train_config: ml_collections.ConfigDict,
   prediction: str = "eps",
+  loss_type: str = "simple",
+  variance: str = "fixed_large",
+  vlb_weight: float = 0.001,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on L_simple; pure.
+  """One optimizer step on the training loss; pure.
 
   Args:
-    state: the current state (donated by the caller).
+    state: the current state (donated by the caller). With `state.t_history`, t is drawn by
+      importance sampling from it (and it records this step's losses); otherwise uniformly.
     batch: "image" uint8 [B, H, W, C], the global batch sharded over devices.
     train_key: the run's train stream key; this step uses fold_in(train_key, state.step).
     model, schedule, tx, train_config: static parts of the step.
     prediction: what the model predicts, one of diffusion.PREDICTIONS.
+    loss_type, variance, vlb_weight: the loss (`losses.LOSS_TYPES`), the reverse variance it
+      assumes and λ of the hybrid loss.
 
   Returns:
-    (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm, lr.
+    (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm, lr, and for
+    the hybrid and vlb losses mse and/or vlb (bits/dim of the sampled term).
   """
   x0 = data.normalize_images(batch["image"])
   step_key = jax.random.fold_in(train_key, state.step)
@@ -198,33 +242,51 @@ def train_step(
   # CPU), since XLA does not fully recover the batched program from the vmapped one.
   keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(x0.shape[0]))
   loss_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+  t_probs = None if state.t_history is None else importance.probabilities(state.t_history)
+  loss_options = dict(
+    loss_type=loss_type,
+    prediction=prediction,
+    variance=variance,
+    vlb_weight=vlb_weight,
+    t_probs=t_probs,
+  )
 
   def example_loss(params, x0_i, loss_key, dropout_key):
     denoise_fn = lambda x_t, t: model.apply(
       {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
     )
-    return diffusion.simple_loss(schedule, denoise_fn, x0_i[None], loss_key, prediction=prediction)[
-      0
-    ]
+    loss, terms = losses.loss_per_example_keys(
+      schedule, denoise_fn, x0_i[None], loss_key[None], **loss_options
+    )
+    return loss[0], jax.tree.map(lambda x: x[0], terms)
 
   def loss_fn(params):
     if _uses_dropout(model):
-      losses = jax.vmap(example_loss, in_axes=(None, 0, 0, 0))(params, x0, loss_keys, dropout_keys)
+      per_example, terms = jax.vmap(example_loss, in_axes=(None, 0, 0, 0))(
+        params, x0, loss_keys, dropout_keys
+      )
     else:
       denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True)
-      losses = diffusion.simple_loss_per_example_keys(
-        schedule, denoise_fn, x0, loss_keys, prediction=prediction
+      per_example, terms = losses.loss_per_example_keys(
+        schedule, denoise_fn, x0, loss_keys, **loss_options
       )
-    return jnp.mean(losses)
+    return jnp.mean(per_example), terms
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, min(decay, (1 + s) / (10 + s)), so early samples are usable.
   decay = jnp.minimum(train_config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+  t_history = state.t_history
+  if t_history is not None:
+    t_history = importance.update(t_history, terms["t"], terms["loss"])
   new_state = TrainState(
-    step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    step=state.step + 1,
+    params=params,
+    ema_params=ema_params,
+    opt_state=opt_state,
+    t_history=t_history,
   )
   metrics = {
     "loss": loss,
@@ -232,6 +294,8 @@ def train_step(
     "param_norm": optax.tree.norm(params),
     "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
+  if loss_type != "simple":
+    metrics.update({name: jnp.mean(terms[name]) for name in ("mse", "vlb") if name in terms})
   return new_state, metrics
 
 
@@ -255,10 +319,20 @@ class Run:
   tx: optax.GradientTransformation
   image_shape: tuple[int, int, int]
 
+  def init_state(self, key: jax.Array) -> TrainState:
+    """`init_state` for this run's model, optimizer and t sampling."""
+    importance_sampling = self.config.diffusion.get("t_sampling", "uniform") == "importance"
+    return init_state(
+      self.model,
+      self.tx,
+      self.image_shape,
+      key,
+      t_history_size=self.schedule.num_timesteps if importance_sampling else None,
+    )
+
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes, replicated over the mesh, without computing anything."""
-    init = lambda key: init_state(self.model, self.tx, self.image_shape, key)
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(self.init_state, jax.random.key(0))
     sharding = parallel.replicated(self.mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -299,6 +373,9 @@ def compile_train_step(run: Run, num_seeds: int | None = None):
     tx=run.tx,
     train_config=run.config.train,
     prediction=run.config.diffusion.prediction,
+    loss_type=run.config.diffusion.get("loss", "simple"),
+    variance=run.config.diffusion.variance,
+    vlb_weight=run.config.diffusion.get("vlb_weight", 0.001),
   )
   if num_seeds:
     step = jax.vmap(step) if seed_batching(run.config) == "vmap" else _unrolled(step, num_seeds)
@@ -362,7 +439,7 @@ def restore_or_init_seeds(
     logging.info("resumed from the checkpoint at step %d", step)
     return [flax.serialization.from_state_dict(abstract, d) for d in state_dicts]
   init = jax.jit(
-    lambda key: init_state(run.model, run.tx, run.image_shape, key),
+    run.init_state,
     out_shardings=parallel.replicated(run.mesh),
   )
   return [init(rng.stream_key(seed, rng.INIT)) for seed in seeds]

@@ -83,7 +83,15 @@ def make_source(data_config: Any):
         f"data.num_examples={num!r} is not a positive int: set --config.data.num_examples to the "
         f"size of the generated set (e.g. 20000)."
       )
-    return ShapesSource(int(num), image_size)
+    # The generated set has two splits: "train", and "test", an independent draw of the same
+    # distribution (another generator seed) for held-out evaluation.
+    splits = {"train": 0, "test": 1}
+    if data_config.split not in splits:
+      raise ConfigError(
+        f"data.split={data_config.split!r} does not exist for data.dataset=shapes; "
+        f"valid: {', '.join(splits)}"
+      )
+    return ShapesSource(int(num), image_size, seed=splits[data_config.split])
   if name == "folder":
     from diffusion_jax.data.folder import FolderSource
 

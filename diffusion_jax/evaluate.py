@@ -1,0 +1,125 @@
+"""--mode=eval: the variational bound on the negative log-likelihood, in bits per dimension.
+
+The bound of `likelihood.bits_per_dim` (every one of the T terms plus the prior) with the EMA
+parameters of the latest checkpoint, over the first `eval.num_examples` images of the split
+`eval.split` of the data set. The noise of image i depends only on (eval.seed, i): the figure is
+the same for any batch size or device count, up to float rounding.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from diffusion_jax import checkpoints, data, likelihood, parallel, rng, train
+from diffusion_jax.errors import ConfigError
+
+FIGURES = ("bits_per_dim", "prior", "decoder", "kl")
+
+
+def _eval_source(config: ml_collections.ConfigDict):
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config.split = config.eval.split
+  return data.make_source(data_config)
+
+
+def make_eval_fn(run: train.Run, batch_size: int):
+  """Compiles (ema params, images uint8 [batch_size, H, W, C], key data [batch_size, 2] uint32
+  of per-image threefry keys) -> the figures of `likelihood.bits_per_dim`, each [batch_size]."""
+  config = run.config
+  parallel.check_batch_size(batch_size, run.mesh, field="eval.batch_size")
+
+  def eval_fn(params, images, key_data):
+    keys = jax.random.wrap_key_data(key_data)
+    denoise_fn = lambda x_t, t: run.model.apply({"params": params}, x_t, t, train=False)
+    out = likelihood.bits_per_dim(
+      run.schedule,
+      denoise_fn,
+      data.normalize_images(images),
+      keys,
+      variance=config.diffusion.variance,
+      prediction=config.diffusion.prediction,
+      clip_x0=config.eval.clip_x0,
+      timesteps_per_call=config.eval.timesteps_per_call,
+    )
+    return {name: out[name] for name in FIGURES}
+
+  batch = parallel.batch_sharded(run.mesh)
+  return jax.jit(
+    eval_fn, in_shardings=(parallel.replicated(run.mesh), batch, batch), out_shardings=batch
+  )
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str]:
+  """Bits/dim of the latest checkpoint in `workdir`; writes WORKDIR/eval/bits_per_dim_<step>.json.
+
+  Returns:
+    (result, path): result has the mean of each figure of FIGURES over the images, the standard
+    error of the bits/dim mean ("bits_per_dim_stderr"), "step", "split" and "num_examples".
+  """
+  run = train.make_run(config)
+  eval_config = config.eval
+  batch_size = eval_config.batch_size
+  try:
+    parallel.check_batch_size(batch_size, run.mesh, field="eval.batch_size")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  num_timesteps = run.schedule.num_timesteps
+  if eval_config.timesteps_per_call < 1 or num_timesteps % eval_config.timesteps_per_call:
+    raise ConfigError(
+      f"eval.timesteps_per_call={eval_config.timesteps_per_call} must divide "
+      f"diffusion.num_timesteps={num_timesteps}"
+    )
+  source = _eval_source(config)
+  count = len(source) if eval_config.num_examples <= 0 else eval_config.num_examples
+  count = min(count, len(source))
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
+  store = checkpoints.CheckpointStore(directory)
+  state = train.restore_or_init(run, store)
+  store.close()
+  step = int(state.step)
+
+  eval_fn = make_eval_fn(run, batch_size)
+  key = rng.stream_key(eval_config.seed, rng.EVAL)
+  process, processes = jax.process_index(), jax.process_count()
+  rows = batch_size // processes
+  values = {name: [] for name in FIGURES}
+  start = time.time()
+  num_batches = -(-count // batch_size)
+  for b in tqdm.trange(num_batches, unit="batch", disable=process != 0, desc="bits/dim"):
+    # The last batch is filled up with repeats of its first image, dropped afterwards.
+    indices = np.arange(b * batch_size, (b + 1) * batch_size)
+    indices = np.where(indices < count, indices, b * batch_size)
+    local = indices[process * rows : (process + 1) * rows]
+    images = np.stack([source[int(i)]["image"] for i in local])
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(local, jnp.uint32))
+    batch = parallel.put_batch(
+      {"image": images, "keys": np.asarray(jax.random.key_data(keys))}, run.mesh
+    )
+    out = eval_fn(state.ema_params, batch["image"], batch["keys"])
+    out = multihost_utils.process_allgather(out, tiled=True)
+    keep = min(batch_size, count - b * batch_size)
+    for name in FIGURES:
+      values[name].append(np.asarray(out[name])[:keep])
+  per_image = {name: np.concatenate(v).astype(np.float64) for name, v in values.items()}
+  result = {name: float(per_image[name].mean()) for name in FIGURES}
+  bpd = per_image["bits_per_dim"]
+  result["bits_per_dim_stderr"] = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if count > 1 else 0.0
+  result.update(step=step, split=eval_config.split, num_examples=count)
+  logging.info("bits/dim of %d images in %.1fs", count, time.time() - start)
+  path = os.path.join(workdir, "eval", f"bits_per_dim_{step:07d}.json")
+  if process == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+  return result, path
