@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -30,6 +28,7 @@ from diffusion_jax import (
   data,
   diffusion,
   importance,
+  interrupts,
   losses,
   parallel,
   rng,
@@ -454,54 +453,6 @@ def _host_metrics(metrics: dict[str, jax.Array], num_seeds: int | None) -> list[
 
 
 @dataclasses.dataclass
-class _StopRequest:
-  signal_name: str | None = None  # set by the handler; read once per step by the loop
-
-
-@contextlib.contextmanager
-def _stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
-  """Within the block, SIGTERM and SIGINT only set `.signal_name` of the yielded request.
-
-  The loop checks the request at each step boundary. A second signal while a stop is pending
-  gets the previous handler (Ctrl-C twice: KeyboardInterrupt). The previous handlers come back
-  on exit. Outside the main thread, where Python cannot install handlers, nothing changes.
-  """
-  request = _StopRequest()
-  previous = {}
-
-  def handler(signum, frame):
-    if request.signal_name is None:
-      request.signal_name = signal.Signals(signum).name
-      return
-    for s, h in previous.items():
-      signal.signal(s, h)
-    signal.raise_signal(signum)
-
-  if threading.current_thread() is threading.main_thread():
-    previous = {s: signal.signal(s, handler) for s in signums}
-  try:
-    yield request
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
-
-
-def _stop_agreed(request: _StopRequest) -> str | None:
-  """The signal that stops every process at this step, or None.
-
-  With several processes the checkpoint is written by all of them together, so they must stop at
-  the same step: the first process that got a signal decides for all (a small all-gather).
-  """
-  if jax.process_count() == 1:
-    return request.signal_name
-  from jax.experimental import multihost_utils
-
-  code = {None: 0, "SIGTERM": 1, "SIGINT": 2}.get(request.signal_name, 1)
-  codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
-  return {1: "SIGTERM", 2: "SIGINT"}.get(int(codes.max()))
-
-
-@dataclasses.dataclass
 class _Member:
   """One seed of a run: a single run is one member in WORKDIR; a seed study has K members,
   seed s in WORKDIR/seed_<s>, each with its own checkpoints, metrics, data order and keys."""
@@ -604,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with contextlib.ExitStack() as cleanup:
     # Undone in reverse order, also on errors: pending checkpoint saves finish before the exit,
     # and the signal handlers stay until then.
-    stop = cleanup.enter_context(_stop_on_signals())
+    stop = cleanup.enter_context(interrupts.stop_on_signals())
     for writer, store in zip(writers, stores, strict=True):
       cleanup.callback(writer.close)
       cleanup.callback(store.close)
@@ -626,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sample_now = train_config.sample_every > 0 and step % train_config.sample_every == 0
       # Several processes agree on stopping only at steps where the host waits anyway.
       if jax.process_count() == 1 or log_now or save_now:
-        stopped_by = None if is_last else _stop_agreed(stop)
+        stopped_by = None if is_last else interrupts.stop_agreed(stop)
       if stopped_by:
         # Finish this step: log it and save it (once), but skip its samples to exit quickly.
         log_now = save_now = True

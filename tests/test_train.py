@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoints, diffusion, images, rng, train
+from diffusion_jax import checkpoints, diffusion, images, interrupts, rng, train
 from diffusion_jax.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -653,7 +653,7 @@ def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
   original = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
   try:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with train._stop_on_signals() as stop:
+    with interrupts.stop_on_signals() as stop:
       assert stop.signal_name is None
       signal.raise_signal(signal.SIGINT)
       # Only the flag: the previous handler did not run.
