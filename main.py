@@ -86,7 +86,7 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
       )
-    from diffusion_jax import train
+    from diffusion_jax import sample_mode, train
 
     logging.info("workdir: %s", os.path.abspath(workdir))
     if FLAGS.mode == "train":
@@ -103,13 +103,13 @@ def main(argv):
           f"KL terms {result['kl']:.4f}): {path}"
         )
     elif train.study_seeds(config) or train.sample_seeds(config):
-      written, (_, summary) = train.sample_study(config, workdir)
+      written, (_, summary) = sample_mode.sample_study(config, workdir)
       if jax.process_index() == 0:
         for png, npz in written:
           print(f"wrote {config.sample.num_samples} samples: {png} and {npz}")
         print(f"wrote the seed study summary {summary}")
     else:
-      png, npz, samples = train.sample_from_checkpoint(config, workdir)
+      png, npz, samples = sample_mode.sample_from_checkpoint(config, workdir)
       if jax.process_index() == 0:
         print(f"wrote {len(samples)} samples: {png} and {npz}")
   except ConfigError as e:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoints, parallel, rng, studies, train
+from diffusion_jax import checkpoints, parallel, rng, sample_mode, studies, train
 from diffusion_jax.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -209,14 +209,14 @@ def test_sampling_seed_study(study, tiny_config, tmp_path):
   workdir = str(tmp_path / "one")
   shutil.copytree(study.singles[0], workdir)
   config = tiny_config({"sample.seeds": "0,3"})
-  written, (json_path, md_path) = train.sample_study(config, workdir)
+  written, (json_path, md_path) = sample_mode.sample_study(config, workdir)
   assert [os.path.basename(npz) for _, npz in written] == [
     "samples_0000006_seed0.npz",
     "samples_0000006_seed3.npz",
   ]
   sets = [np.load(npz)["samples"] for _, npz in written]
   # Each set is the one --mode=sample writes for its sample seed.
-  _, _, alone = train.sample_from_checkpoint(tiny_config({"sample.seed": 3}), workdir)
+  _, _, alone = sample_mode.sample_from_checkpoint(tiny_config({"sample.seed": 3}), workdir)
   np.testing.assert_array_equal(sets[1], alone)
   # Disjoint streams: no image is shared between the sets.
   assert not {s.tobytes() for s in sets[0]} & {s.tobytes() for s in sets[1]}
@@ -231,14 +231,14 @@ def test_sampling_seed_study(study, tiny_config, tmp_path):
 def test_sampling_a_training_study_samples_every_seed(study, tmp_path):
   workdir = str(tmp_path / "study")
   shutil.copytree(study.workdir, workdir)
-  written, (json_path, _) = train.sample_study(study.config, workdir)
+  written, (json_path, _) = sample_mode.sample_study(study.config, workdir)
   assert [os.path.dirname(os.path.dirname(npz)) for _, npz in written] == [
     studies.member_workdir(workdir, seed) for seed in SEEDS
   ]
   with open(json_path) as f:
     assert json.load(f)["seeds"] == list(SEEDS)
   with pytest.raises(ConfigError, match="not both"):
-    train.sample_study(ml_collections_with(study.config, {"sample.seeds": "0,1"}), workdir)
+    sample_mode.sample_study(ml_collections_with(study.config, {"sample.seeds": "0,1"}), workdir)
 
 
 def ml_collections_with(config, overrides):

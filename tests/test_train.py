@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoints, diffusion, images, interrupts, rng, train
+from diffusion_jax import checkpoints, diffusion, images, interrupts, rng, sample_mode, train
 from diffusion_jax.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -472,7 +472,7 @@ def sample_workdir(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seed0_samples(reference, sample_workdir):
-  png, npz, samples = train.sample_from_checkpoint(reference.config, sample_workdir)
+  png, npz, samples = sample_mode.sample_from_checkpoint(reference.config, sample_workdir)
   return types.SimpleNamespace(png=png, npz=npz, samples=samples, npz_data=read_npz(npz))
 
 
@@ -490,10 +490,12 @@ def test_sample_from_checkpoint_writes_png_and_npz(reference, sample_workdir, se
 
 
 def test_sample_seed_controls_the_samples(reference, sample_workdir, seed0_samples, tiny_config):
-  _, again_npz, _ = train.sample_from_checkpoint(reference.config, sample_workdir)
+  _, again_npz, _ = sample_mode.sample_from_checkpoint(reference.config, sample_workdir)
   np.testing.assert_array_equal(read_npz(again_npz), seed0_samples.npz_data)
 
-  _, npz, samples = train.sample_from_checkpoint(tiny_config({"sample.seed": 1}), sample_workdir)
+  _, npz, samples = sample_mode.sample_from_checkpoint(
+    tiny_config({"sample.seed": 1}), sample_workdir
+  )
   assert os.path.basename(npz) == "samples_0000006_seed1.npz"
   assert samples.shape == seed0_samples.samples.shape
   for a, b in zip(samples, seed0_samples.samples, strict=True):
@@ -503,7 +505,7 @@ def test_sample_seed_controls_the_samples(reference, sample_workdir, seed0_sampl
 def test_samples_do_not_depend_on_the_batch_size(sample_workdir, seed0_samples, tiny_config):
   # Two calls of 2 images, the second cut to 1: image i depends only on its index.
   config = tiny_config({"sample.batch_size": 2, "sample.num_samples": 3})
-  _, _, samples = train.sample_from_checkpoint(config, sample_workdir)
+  _, _, samples = sample_mode.sample_from_checkpoint(config, sample_workdir)
   expected = seed0_samples.samples[:3]
   assert samples.shape == expected.shape
   diff = np.abs(samples.astype(np.int16) - expected.astype(np.int16))
@@ -513,7 +515,7 @@ def test_samples_do_not_depend_on_the_batch_size(sample_workdir, seed0_samples, 
 
 def test_sample_from_an_empty_workdir_is_a_config_error(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match="--workdir=.*no checkpoint") as excinfo:
-    train.sample_from_checkpoint(tiny_config(), str(tmp_path))
+    sample_mode.sample_from_checkpoint(tiny_config(), str(tmp_path))
   assert "\n" not in str(excinfo.value)
 
 

@@ -1,0 +1,93 @@
+"""--mode=sample: images from the EMA parameters of a run's latest checkpoint, and sampling seed
+studies (several disjoint sample sets of one model, or one set per seed of a training study)."""
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax import checkpoints, data, rng, sampling, studies, train
+from diffusion_jax.errors import ConfigError
+
+
+def sample_from_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[str, str, np.ndarray]:
+  """--mode=sample: EMA params of the latest checkpoint -> samples/samples_<step>_seed<seed>.*
+
+  Returns:
+    (png path, npz path, uint8 samples [N, H, W, C]).
+  """
+  run = train.make_run(config)
+  return _sample_run(run, run.sample_fn(), config, workdir)
+
+
+def _sample_run(run: train.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
+  store = checkpoints.CheckpointStore(directory)
+  state = train.restore_or_init(run, store)
+  store.close()
+  step = int(state.step)
+  key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
+  start = time.time()
+  samples = sampling.generate(
+    sample_fn, state.ema_params, key, config.sample.num_samples, config.sample.batch_size
+  )
+  logging.info("sampled %d images in %.1fs", len(samples), time.time() - start)
+  png, npz = sampling.write_samples(
+    workdir, f"samples_{step:07d}_seed{config.sample.seed}", samples
+  )
+  return png, npz, samples
+
+
+def sample_study(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+  """--mode=sample for a seed study, compiled once for all of its sample sets.
+
+  With `sample.seeds`: num_samples images of the one model in WORKDIR for each sample seed (the
+  sets come from disjoint random streams). With `seeds` (a training study's WORKDIR): num_samples
+  images of each seed's model, with `sample.seed`. Each set is written like --mode=sample writes
+  it; WORKDIR/sample_seed_summary.{json,md} gets the figures of `studies.sample_figures` per seed
+  against the first num_samples images of the data set.
+
+  Returns:
+    ([(png, npz) per seed], (summary json, summary markdown)).
+  """
+  train_seeds, sample_seed_list = train.study_seeds(config), train.sample_seeds(config)
+  if train_seeds and sample_seed_list:
+    raise ConfigError(
+      "set either seeds (one sample set per trained seed) or sample.seeds (several sample sets "
+      "of one model), not both"
+    )
+  if train_seeds:
+    runs = {
+      s: (studies.member_config(config, s), studies.member_workdir(workdir, s)) for s in train_seeds
+    }
+  else:
+    runs = {}
+    for s in sample_seed_list:
+      member = ml_collections.ConfigDict(config.to_dict())
+      member.sample.seed, member.sample.seeds = s, ""
+      runs[s] = (member, workdir)
+  run = train.make_run(config)
+  sample_fn = run.sample_fn()
+  source = data.make_source(config.data)
+  count = min(config.sample.num_samples, len(source))
+  reference = np.stack([source[i]["image"] for i in range(count)])
+  key = rng.stream_key(config.seed, rng.EVAL)
+  written, per_seed = [], {}
+  for seed, (member_config, member_workdir) in runs.items():
+    png, npz, samples = _sample_run(run, sample_fn, member_config, member_workdir)
+    written.append((png, npz))
+    per_seed[seed] = studies.sample_figures(samples[:count], reference, key)
+  paths = ("", "")
+  if jax.process_index() == 0:
+    summary = studies.summarize(per_seed)
+    paths = studies.write_summary(workdir, summary, name="sample_seed_summary")
+  return written, paths
