@@ -29,6 +29,7 @@ from diffusion_jax.solvers import (
 from diffusion_jax.timesteps import SKIPS, respace, spaced_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "heun")
+FIXED_VARIANCES = ("fixed_large", "fixed_small")
 # num_steps=None: every timestep for ddpm and ddim; DPM-Solver++'s and EDM's usual settings
 # for the others (20 model calls; 18 noise levels = 35 model calls).
 DEFAULT_NUM_STEPS = {"dpm_solver++": 20, "heun": 18}
@@ -89,9 +90,9 @@ def ddpm_sample(
 
   With S < T steps the schedule is respaced (`timesteps.respace`, as improved-diffusion): the
   steps between kept timesteps t' < t use β' = 1 - ᾱ_t / ᾱ_{t'} and the posterior of that
-  schedule, and the model is still called at the original t. S = T is the original chain. The
-  variance is the fixed one named by `variance`; a [..., 2C] learned-variance output is used for
-  its prediction half only.
+  schedule, and the model is still called at the original t. S = T is the original chain. With
+  a fixed `variance`, a [..., 2C] output (a learned-variance model's) is used for its prediction
+  half only; any other variance gets the whole output through `diffusion.p_mean_variance`.
 
   Args:
     denoise_fn: (x_t [B, ...], t [B] int32) -> the network's output (ε, x0 or v).
@@ -122,7 +123,9 @@ def ddpm_sample(
   def step(x_t, inputs):
     k, t = inputs  # index k of the respaced schedule, the model's timestep t
     k_batch = jnp.full((shape[0],), k, dtype=jnp.int32)
-    output = prediction_channels(denoise_fn(x_t, jnp.full_like(k_batch, t)), shape[-1])
+    output = denoise_fn(x_t, jnp.full_like(k_batch, t))
+    if variance in FIXED_VARIANCES:  # a learned variance reads the whole output itself
+      output = prediction_channels(output, shape[-1])
     mean, _, log_variance, _ = p_mean_variance(
       spaced, output, x_t, k_batch, variance=variance, clip_x0=clip_x0, prediction=prediction
     )

@@ -163,6 +163,17 @@ def test_dpm_solver_pp_at_20_calls_beats_ddim_at_50(problem, how):
   assert dpm < ddim, (dpm, ddim)
 
 
+def test_dpm_solver_pp_lower_order_final_changes_only_the_step_into_t_0():
+  default = _errors("gaussian_2d", "dpm_solver++", 20)
+  lower = _errors("gaussian_2d", "dpm_solver++", 20, lower_order_final=True)
+  assert 0 < np.max(np.abs(lower - default)) and np.median(lower) < 2 * np.median(default)
+  # With 2 steps there is no second-order step to lower.
+  np.testing.assert_array_equal(
+    _run("gaussian_2d", "dpm_solver++", 2, lower_order_final=True),
+    _run("gaussian_2d", "dpm_solver++", 2),
+  )
+
+
 def _component_stats(x, data):
   """Per component: the fraction of samples it is most responsible for, their mean and var."""
   r = np.asarray(analytic.responsibilities(data, jnp.asarray(x, jnp.float32), jnp.ones(len(x))))
