@@ -93,8 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- sample
   config.sample = sample = ml_collections.ConfigDict()
+  # "ddpm" (ancestral), "ddim", "dpm_solver++" (DPM-Solver++(2M)) or "heun" (EDM's sampler).
   sample.sampler = "ddpm"
-  sample.num_steps = None  # Reverse steps; None means every one of the num_timesteps.
+  # Steps (model calls; heun: noise levels, 2N - 1 calls). Unset: all num_timesteps for ddpm and
+  # ddim, 20 for dpm_solver++, 18 for heun.
+  sample.num_steps = ml_collections.config_dict.placeholder(int)
+  sample.eta = 0.0  # ddim: noise scale η in [0, 1]; 0 is deterministic, 1 the DDPM posterior.
+  # Which timesteps ddpm, ddim and dpm_solver++ visit when num_steps < num_timesteps: "uniform",
+  # "quadratic" (denser at low noise) or "logsnr" (uniform in log SNR); "" is each one's default
+  # (uniform for ddpm and ddim, logsnr for dpm_solver++). heun has its own noise levels.
+  sample.skip = ""
   sample.num_samples = 64  # Images written by --mode=sample.
   sample.batch_size = 64  # Images per compiled sampling call.
   sample.seed = 0  # Images i of a seed are the same for any batch size or device count.

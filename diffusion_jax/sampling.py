@@ -36,7 +36,8 @@ def make_sample_fn(
     batch_size: images per call; a multiple of the device count.
     mesh: the device mesh; the batch is sharded over its "data" axis.
     to_uint8: return pixels; False returns the sampler's float32 x0 (for exact comparisons).
-    **sampler_options: sampler, num_steps, variance, clip_x0 (see `samplers.sample`).
+    **sampler_options: sampler, num_steps and the sampler's options (prediction, clip_x0,
+      variance, eta, skip, ...; see `samplers.sample`).
 
   Returns:
     A jitted function returning uint8 [batch_size, H, W, C] in [0, 255] (float32 in about

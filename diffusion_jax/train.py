@@ -106,7 +106,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     parallel.check_batch_size(config.train.batch_size, mesh)
     parallel.check_batch_size(config.sample.batch_size, mesh, field="sample.batch_size")
     samplers.check_sampler(
-      config.sample.sampler, config.sample.num_steps, config.diffusion.num_timesteps
+      config.sample.sampler,
+      config.sample.num_steps,
+      config.diffusion.num_timesteps,
+      skip=config.sample.skip,
+      eta=config.sample.eta,
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -345,6 +349,8 @@ class Run:
       self.mesh,
       sampler=sample.sampler,
       num_steps=sample.num_steps,
+      eta=sample.eta,
+      skip=sample.skip,
       variance=self.config.diffusion.variance,
       clip_x0=self.config.diffusion.clip_x0,
       prediction=self.config.diffusion.prediction,

@@ -85,6 +85,16 @@ ERROR_CASES = {
     {"JAX_COORDINATOR_ADDRESS": "localhost:12345"},
     ["jax.distributed.initialize()", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"],
   ),
+  "unknown_sampler": (
+    ["--config=shapes", "--mode=sample", "--config.sample.sampler=ddpm2"],
+    {},
+    ["sample.sampler='ddpm2'", "valid: ddpm, ddim, dpm_solver++, heun"],
+  ),
+  "num_steps_out_of_range": (
+    ["--config=shapes", "--config.sample.sampler=heun", "--config.sample.num_steps=401"],
+    {},
+    ["sample.num_steps=401", "sampler 'heun'", "from 1 to 400"],
+  ),
   "unknown_config": (
     ["--config=nosuch"],
     {},
@@ -145,12 +155,19 @@ def cli_run(tmp_path_factory, tiny_overrides, fast_compile_env):
   flags = ["--config=shapes", f"--workdir={workdir}", *override_flags(tiny_overrides)]
   env = cli_env(**fast_compile_env)
   trained = finish(start([*flags, "--config.train.num_steps=2"], env))
-  sampled = finish(start([*flags, "--mode=sample"], env))
-  return workdir, trained, sampled
+  # The default sampler (ddpm, every step) and DPM-Solver++ with 5 steps, side by side.
+  sampled = start([*flags, "--mode=sample"], env)
+  fast = [
+    "--config.sample.sampler=dpm_solver++",
+    "--config.sample.num_steps=5",
+    "--config.sample.seed=1",
+  ]
+  sampled_fast = start([*flags, "--mode=sample", *fast], env)
+  return workdir, trained, finish(sampled), finish(sampled_fast)
 
 
 def test_train_then_sample(cli_run, tiny_overrides):
-  workdir, trained, sampled = cli_run
+  workdir, trained, sampled, _ = cli_run
   assert trained.returncode == 0, trained.stderr
   assert sampled.returncode == 0, sampled.stderr
 
@@ -181,3 +198,13 @@ def test_train_then_sample(cli_run, tiny_overrides):
   assert samples.dtype == np.uint8 and samples.shape == (num, size, size, 3)
   with Image.open(png) as image:
     np.testing.assert_array_equal(np.asarray(image), images.make_grid(samples))
+
+
+def test_sample_with_another_sampler(cli_run, tiny_overrides):
+  workdir, _, sampled, sampled_fast = cli_run
+  assert sampled_fast.returncode == 0, sampled_fast.stderr
+  npz = workdir / "samples" / "samples_0000002_seed1.npz"
+  num, size = tiny_overrides["sample.num_samples"], tiny_overrides["data.image_size"]
+  assert f"wrote {num} samples:" in sampled_fast.stdout and str(npz) in sampled_fast.stdout
+  samples = np.load(npz)["samples"]
+  assert samples.dtype == np.uint8 and samples.shape == (num, size, size, 3)

@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers, schedules
+from diffusion_jax import analytic, samplers, schedules
 
 IMAGE = (2, 2, 1)
 MU, SIGMA = 0.3, 0.5
+
+# XLA's cheapest pipeline and the shared compilation cache: many small programs compile here.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @functools.cache
@@ -67,10 +70,21 @@ def _local_denoiser(x_t, t):
 
 
 # One compilation per (denoise_fn, shape, options); the schedule and the key are traced arguments.
+# first_index is traced, as in sampling.make_sample_fn.
 _sample_jit = jax.jit(
   samplers.sample,
   static_argnums=(0, 2),
-  static_argnames=("sampler", "num_steps", "variance", "clip_x0", "first_index"),
+  static_argnames=(
+    "sampler",
+    "num_steps",
+    "variance",
+    "clip_x0",
+    "prediction",
+    "eta",
+    "skip",
+    "rho",
+    "lower_order_final",
+  ),
 )
 
 
@@ -168,15 +182,174 @@ def test_num_steps_equal_to_t_is_the_default():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_bad_sampler_and_num_steps():
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_every_sampler_compiles_once_and_traces_the_denoiser_once(sampler):
+  sched = _schedule(50)
+  shape = (2, *IMAGE)
+  chex.clear_trace_counter()
+
+  @chex.assert_max_traces(n=1)
+  def denoise_fn(x_t, t):
+    return _local_denoiser(x_t, t)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def run(key, first_index):
+    return samplers.sample(
+      denoise_fn, sched, shape, key, sampler=sampler, num_steps=7, first_index=first_index
+    )
+
+  # One scan step is one model call, for every sampler: the network is in the program once.
+  a = np.asarray(run(jax.random.key(0), 0))
+  b = np.asarray(run(jax.random.key(1), 4))
+  assert a.shape == shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+  assert not np.allclose(a, b)
+
+
+SAMPLER_SETTINGS = [
+  ("ddpm", {"num_steps": 10}),
+  ("ddim", {"num_steps": 10, "eta": 0.5, "skip": "quadratic"}),
+  ("dpm_solver++", {"num_steps": 10}),
+  ("heun", {"num_steps": 5}),
+]
+
+
+def _run_local(batch, sampler, options, denoise_fn=_local_denoiser, first_index=0):
+  return np.asarray(
+    _sample_jit(
+      denoise_fn,
+      _schedule(50),
+      (batch, *IMAGE),
+      jax.random.key(42),
+      sampler=sampler,
+      first_index=first_index,
+      **options,
+    )
+  )
+
+
+@pytest.mark.parametrize("sampler, options", SAMPLER_SETTINGS)
+def test_every_sampler_gives_the_same_images_for_any_batch_size(sampler, options):
+  big = _run_local(16, sampler, options)
+  np.testing.assert_allclose(_run_local(4, sampler, options), big[:4], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    _run_local(4, sampler, options, first_index=4), big[4:8], rtol=1e-5, atol=1e-5
+  )
+  assert not np.allclose(big[:4], big[4:8])
+
+
+def _with_variance(x_t, t):
+  """A learned-variance model's output: [..., 2C], the prediction first."""
+  return jnp.concatenate([_local_denoiser(x_t, t), 0.7 * x_t], axis=-1)
+
+
+@pytest.mark.parametrize("sampler, options", SAMPLER_SETTINGS)
+def test_a_learned_variance_half_of_the_output_is_ignored(sampler, options):
+  np.testing.assert_allclose(
+    _run_local(4, sampler, options, denoise_fn=_with_variance),
+    _run_local(4, sampler, options),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize("sampler, options", SAMPLER_SETTINGS)
+def test_clip_x0_keeps_every_sampler_in_range(sampler, options):
+  # The exact model of wide data (x0 ~ N(0, 3²)): unclipped samples leave [-1, 1].
+  sched = _schedule(50)
+  wide = analytic.exact_denoise_fn(analytic.gaussian(np.zeros(IMAGE), 3.0), sched)
+  run = lambda **clip: np.asarray(
+    _sample_jit(wide, sched, (64, *IMAGE), jax.random.key(6), sampler=sampler, **clip, **options)
+  )
+  assert np.abs(run()).max() <= 1.0 + 1e-6
+  if sampler == "heun":
+    assert np.abs(run(clip_x0=False)).max() > 2.0
+
+
+def test_ddim_with_eta_1_on_every_step_is_ddpm_with_the_posterior_variance():
+  sched = _schedule(50)
+  shape = (4, *IMAGE)
+  key = jax.random.key(8)
+  ddpm = _sample_jit(_local_denoiser, sched, shape, key, variance="fixed_small")
+  ddim = _sample_jit(_local_denoiser, sched, shape, key, sampler="ddim", eta=1.0)
+  np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), rtol=1e-4, atol=1e-4)
+
+
+def _respaced_output_moments(kept, variance, mu=MU, sigma=SIGMA):
+  """Mean and variance of respaced ancestral sampling with the Gaussian eps, in float64.
+
+  improved-diffusion's respacing, written out: over the kept timesteps t_0 < ... < t_{S-1},
+  beta'_k = 1 - abar_{t_k} / abar_{t_{k-1}}; the steps are the posterior of that chain.
+  """
+  abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[kept]
+  abar_prev = np.append(1.0, abar[:-1])
+  betas = 1.0 - abar / abar_prev
+  coef1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
+  coef2 = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
+  beta_tilde = betas * (1.0 - abar_prev) / (1.0 - abar)
+  m, v = 0.0, 1.0
+  for k in range(len(kept) - 1, -1, -1):
+    gain = np.sqrt(1.0 - abar[k]) / (abar[k] * sigma**2 + 1.0 - abar[k])
+    p = (1.0 - np.sqrt(1.0 - abar[k]) * gain) / np.sqrt(abar[k])
+    q = np.sqrt(1.0 - abar[k]) * gain * mu
+    noise_var = 0.0 if k == 0 else (betas[k] if variance == "fixed_large" else beta_tilde[k])
+    m, v = (coef1[k] * p + coef2[k]) * m + coef1[k] * q, (coef1[k] * p + coef2[k]) ** 2 * v
+    v += noise_var
+  return m, v
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_respaced_ddpm_matches_the_exact_moments_of_the_respaced_chain(variance):
+  sched = _schedule(1000)
+  shape = (512, 4, 4, 1)
+  n = int(np.prod(shape))
+  x = _sample_jit(
+    _gaussian_eps(sched),
+    sched,
+    shape,
+    jax.random.key(9),
+    num_steps=10,
+    variance=variance,
+    clip_x0=False,
+  )
+  x = np.asarray(x, np.float64).ravel()
+  kept = np.round(np.linspace(0, 999, 10)).astype(int)
+  exp_mean, exp_var = _respaced_output_moments(kept, variance)
+  other = _respaced_output_moments(kept, "fixed_small" if variance == "fixed_large" else variance)
+  se_var = exp_var * np.sqrt(2.0 / (n - 1))
+  if variance == "fixed_large":  # 10 large steps: the two variances give very different outputs
+    assert abs(other[1] - exp_var) > 20 * se_var
+  # 5 standard errors.
+  assert abs(x.mean() - exp_mean) < 5.0 * np.sqrt(exp_var / n), (x.mean(), exp_mean)
+  assert abs(x.var(ddof=1) - exp_var) < 5.0 * se_var, (x.var(ddof=1), exp_var, se_var)
+
+
+def test_bad_sampler_num_steps_and_options_are_one_line_errors():
   sched = _schedule(30)
   shape = (2, *IMAGE)
-  with pytest.raises(ValueError) as excinfo:
-    samplers.sample(_local_denoiser, sched, shape, jax.random.key(0), sampler="ddpm_typo")
-  assert "ddpm" in str(excinfo.value)
-  with pytest.raises(ValueError) as excinfo:
-    samplers.sample(_local_denoiser, sched, shape, jax.random.key(0), num_steps=10)
-  assert "30" in str(excinfo.value)
+  key = jax.random.key(0)
+
+  def error(**kwargs):
+    with pytest.raises(ValueError) as excinfo:
+      samplers.sample(_local_denoiser, sched, shape, key, **kwargs)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+  assert "valid: ddpm, ddim, dpm_solver++, heun" in error(sampler="ddpm_typo")
+  for sampler, low in samplers.MIN_NUM_STEPS.items():
+    for bad in (low - 1, 31):
+      message = error(sampler=sampler, num_steps=bad)
+      assert f"sample.num_steps={bad}" in message
+      assert f"from {low} to 30" in message
+  assert "valid: '' (default), uniform, quadratic, logsnr" in error(sampler="ddim", skip="cubic")
+  assert "sample.eta=1.5" in error(sampler="ddim", eta=1.5)
+  with pytest.raises(TypeError, match="unknown sampler options"):
+    samplers.sample(_local_denoiser, sched, shape, key, sampler="ddim", etta=0.5)
+  # The same check without sampling, as the config check uses it.
+  samplers.check_sampler("heun", None, 30, skip="")
+  with pytest.raises(ValueError, match="from 1 to 30"):
+    samplers.check_sampler("dpm_solver++", 0, 30)
 
 
 def test_exact_moments_reference_reproduces_the_data():
