@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_files import load_state, read_metrics
 
-from diffusion_jax import checkpoints, data, evaluate, likelihood, rng, train
+from diffusion_jax import data, evaluate, likelihood, rng, train
 from diffusion_jax.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -24,20 +25,6 @@ IDDPM = {
   "eval.batch_size": 4,
   "eval.timesteps_per_call": 5,
 }
-
-
-def load_state(config, workdir):
-  run = train.make_run(config)
-  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  try:
-    return jax.device_get(train.restore_or_init(run, store))
-  finally:
-    store.close()
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

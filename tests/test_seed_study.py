@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_files import load_state, read_metrics, trees_equal
 
-from diffusion_jax import checkpoints, parallel, rng, sample_mode, studies, train
+from diffusion_jax import parallel, rng, sample_mode, studies, train
 from diffusion_jax.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -22,20 +23,6 @@ SEEDS = (0, 1, 2)
 # rounding (XLA orders the reductions of the batched matmuls differently): about 1e-6 measured.
 PARAM_ATOL = 1e-5
 LOSS_RTOL = 1e-5
-
-
-def load_state(config, workdir):
-  run = train.make_run(config)
-  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  try:
-    return jax.device_get(train.restore_or_init(run, store))
-  finally:
-    store.close()
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def max_abs_diff(first, second):
@@ -184,11 +171,6 @@ def test_study_resumes_from_the_newest_step_every_seed_has(study, tmp_path):
     assert json.load(f1) == json.load(f2)
 
 
-def trees_equal(first, second):
-  pairs = zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
-  return all(np.array_equal(a, b) for a, b in pairs)
-
-
 def test_adding_a_seed_to_a_started_study_is_an_error(study, tiny_config, tmp_path):
   workdir = str(tmp_path / "study")
   shutil.copytree(study.workdir, workdir)
@@ -228,7 +210,7 @@ def test_sampling_seed_study(study, tiny_config, tmp_path):
   )
 
 
-def test_sampling_a_training_study_samples_every_seed(study, tmp_path):
+def test_sampling_a_training_study_samples_every_seed(study, tiny_config, tmp_path):
   workdir = str(tmp_path / "study")
   shutil.copytree(study.workdir, workdir)
   written, (json_path, _) = sample_mode.sample_study(study.config, workdir)
@@ -238,15 +220,7 @@ def test_sampling_a_training_study_samples_every_seed(study, tmp_path):
   with open(json_path) as f:
     assert json.load(f)["seeds"] == list(SEEDS)
   with pytest.raises(ConfigError, match="not both"):
-    sample_mode.sample_study(ml_collections_with(study.config, {"sample.seeds": "0,1"}), workdir)
-
-
-def ml_collections_with(config, overrides):
-  config = config.copy_and_resolve_references()
-  for name, value in overrides.items():
-    section, _, field = name.rpartition(".")
-    config[section][field] = value
-  return config
+    sample_mode.sample_study(tiny_config({"seeds": "0,1,2", "sample.seeds": "0,1"}), workdir)
 
 
 def test_flax_state_dict_round_trip_of_a_seed_slice(study, tiny_config):

@@ -13,13 +13,13 @@ import sys
 import threading
 import types
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from run_files import load_state, read_metrics, trees_equal
 
 from diffusion_jax import checkpoints, diffusion, images, interrupts, rng, sample_mode, train
 from diffusion_jax.errors import ConfigError
@@ -29,34 +29,12 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 # ---------------------------------------------------------------- helpers
 
 
-def load_state(config, workdir, step=None):
-  """The TrainState saved in WORKDIR/checkpoints at `step` (default: the latest), on the host."""
-  run = train.make_run(config)
-  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  try:
-    assert store.latest_step() is not None, f"no checkpoint in {workdir}"
-    if step is None:
-      state = train.restore_or_init(run, store)
-    else:
-      abstract = run.abstract_state()
-      state_dict, _ = store.restore(step, flax.serialization.to_state_dict(abstract))
-      state = flax.serialization.from_state_dict(abstract, state_dict)
-  finally:
-    store.close()
-  return jax.device_get(state)
-
-
 def saved_steps(workdir):
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
   try:
     return store.all_steps()
   finally:
     store.close()
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def assert_bitwise_equal(first, second):
@@ -68,13 +46,6 @@ def assert_bitwise_equal(first, second):
     name = jax.tree_util.keystr(path)
     assert (a.shape, a.dtype) == (b.shape, b.dtype), name
     assert a.tobytes() == b.tobytes(), f"{name} differs"
-
-
-def trees_equal(first, second):
-  return all(
-    np.array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
-  )
 
 
 def read_png(path):
