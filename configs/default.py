@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.manual_dir = ""  # tfds manual_dir holding the official archive, for offline preparation.
   data.random_flip = True  # Random horizontal flips (deterministic per example and epoch).
   data.num_examples = 20_000  # dataset="shapes": how many images the generated set has.
+  # dataset="shapes": classes left out of the training split, e.g. "green triangle,blue square"
+  # (to see whether a text-conditional model composes a colour and a shape it never saw together).
+  data.exclude_classes = ""
   data.read_threads = 2  # Host threads that decode and batch; the order never depends on it.
   data.prefetch = 2  # Batches prepared ahead of the training step.
 
@@ -44,6 +47,20 @@ def get_config() -> ml_collections.ConfigDict:
   model.out_channels = 3
   model.dtype = "float32"  # Compute dtype; parameters stay float32.
   model.patch_size = 1  # >1: fold p x p pixel patches into channels first (1/p**2 of the compute).
+  # Class-conditional: the data set's class count (a label embedding joins the timestep's, plus a
+  # learned "no label" entry). 0: not class-conditional.
+  model.num_classes = 0
+  # Text-conditional (model.text.vocab_size > 0): feature-map sizes whose blocks attend to the
+  # prompt's token embeddings (cross-attention; also in the middle), e.g. (8, 4).
+  model.cross_attn_resolutions = ()
+  # The text encoder trained with the U-Net (a small Transformer over word tokens). Its
+  # vocabulary comes from the data set's captions (diffusion_jax/text.py).
+  model.text = text = ml_collections.ConfigDict()
+  text.vocab_size = 0  # Token embedding rows, >= the caption vocabulary; 0: no text.
+  text.width = 64  # Token embedding width (the context the U-Net attends to).
+  text.num_layers = 2
+  text.num_heads = 4
+  text.max_length = 16  # Tokens per prompt (a start token + words + padding).
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -90,6 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (the per-seed cost of a single run on a CPU, where XLA's batched convolutions are about 2.8x
   # slower per seed; compiling takes about K times longer). "auto": "unroll" on CPUs, else "vmap".
   train.seed_batching = "auto"
+  # A conditional model (model.num_classes or model.text): the probability that an example's
+  # label or caption is replaced by "none", which trains the unconditional model that
+  # classifier-free guidance needs.
+  train.cond_drop_prob = 0.1
 
   # ---------------------------------------------------------------- sample
   config.sample = sample = ml_collections.ConfigDict()
@@ -109,6 +130,14 @@ def get_config() -> ml_collections.ConfigDict:
   # --mode=sample seed study: "0,1,2,3" draws num_samples images for each of these sample seeds
   # (disjoint random streams) and writes a summary of their figures. Empty: `sample.seed` only.
   sample.seeds = ""
+  # A conditional model: what to draw, num_samples images per prompt. `prompt` is one prompt (a
+  # class name for a class-conditional model; "" draws unconditional samples); `prompts_file` a
+  # text file with one prompt per line. Neither: one prompt per class of the data set.
+  sample.prompt = ml_collections.config_dict.placeholder(str)
+  sample.prompts_file = ""
+  # Classifier-free guidance weight w: 1 is the plain conditional model, 0 the unconditional one,
+  # larger values follow the prompt more closely at some cost in diversity (e.g. 3).
+  sample.guidance_scale = 1.0
 
   # ---------------------------------------------------------------- eval
   # --mode=eval: the variational bound on the negative log-likelihood in bits per dimension, on

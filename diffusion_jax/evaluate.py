@@ -3,7 +3,8 @@
 The bound of `likelihood.bits_per_dim` (every one of the T terms plus the prior) with the EMA
 parameters of the latest checkpoint, over the first `eval.num_examples` images of the split
 `eval.split` of the data set. The noise of image i depends only on (eval.seed, i): the figure is
-the same for any batch size or device count, up to float rounding.
+the same for any batch size or device count, up to float rounding. A conditional model is
+evaluated unconditionally (its null label or empty prompt).
 """
 
 import json
@@ -37,9 +38,16 @@ def make_eval_fn(run: train.Run, batch_size: int):
   config = run.config
   parallel.check_batch_size(batch_size, run.mesh, field="eval.batch_size")
 
+  # A conditional model is evaluated as the unconditional model it also is (the null condition).
+  null = run.prompt_condition([""]) if run.cond_kind != "none" else {}
+
   def eval_fn(params, images, key_data):
     keys = jax.random.wrap_key_data(key_data)
-    denoise_fn = lambda x_t, t: run.model.apply({"params": params}, x_t, t, train=False)
+
+    def denoise_fn(x_t, t):
+      cond = {k: jnp.broadcast_to(v, (x_t.shape[0], *v.shape[1:])) for k, v in null.items()}
+      return run.model.apply({"params": params}, x_t, t, train=False, **cond)
+
     out = likelihood.bits_per_dim(
       run.schedule,
       denoise_fn,

@@ -4,7 +4,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -44,4 +44,40 @@ def save_npz(path: str, images: np.ndarray, **extra) -> str:
   """Writes uint8 [N, H, W, C] samples (key "samples") and `extra` arrays to `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(path, samples=np.asarray(images, dtype=np.uint8), **extra)
+  return path
+
+
+def save_labelled_grid(path: str, images: np.ndarray, labels: list[str], pad: int = 2) -> str:
+  """Writes one row per label, the label's text on the left of its images, as a PNG.
+
+  Args:
+    path: the PNG's path.
+    images: uint8 [R, N, H, W, C]: N images for each of the R labels.
+    labels: R strings (an empty one is written as "(unconditional)").
+    pad: pixels between images.
+
+  Returns:
+    The path. Images smaller than 32 pixels are scaled up (nearest neighbour, by an integer) so
+    that rows are at least as tall as the text.
+  """
+  images = np.asarray(images)
+  if images.ndim != 5 or len(labels) != images.shape[0]:
+    raise ValueError(f"expected [R, N, H, W, C] images for {len(labels)} labels: {images.shape}")
+  scale = max(1, 32 // images.shape[2])
+  images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+  rows = [make_grid(row, columns=row.shape[0], pad=pad) for row in images]
+  texts = [label or "(unconditional)" for label in labels]
+  font = ImageFont.load_default()
+  draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_width = max(int(draw.textlength(t, font=font)) for t in texts) + 2 * pad
+  height, width = rows[0].shape[:2]
+  canvas = Image.new("RGB", (text_width + width, len(rows) * (height - pad) + pad))
+  draw = ImageDraw.Draw(canvas)
+  for r, (row, label) in enumerate(zip(rows, texts, strict=True)):
+    top = r * (height - pad)
+    tile = row if row.shape[-1] == 3 else np.repeat(row, 3, axis=-1)
+    canvas.paste(Image.fromarray(tile), (text_width, top))
+    draw.text((pad, top + height // 2), label, fill=(230, 230, 230), font=font, anchor="lm")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)
   return path

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpoints, data, rng, sampling, studies, train
+from diffusion_jax import checkpoints, data, rng, sampling, studies, text, train
 from diffusion_jax.errors import ConfigError
 
 
@@ -17,6 +17,10 @@ def sample_from_checkpoint(
   config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[str, str, np.ndarray]:
   """--mode=sample: EMA params of the latest checkpoint -> samples/samples_<step>_seed<seed>.*
+
+  A conditional model draws `sample.num_samples` images for each prompt (`prompts`) with
+  guidance `sample.guidance_scale`; the files then end in _w<scale> and the grid has one
+  labelled row per prompt.
 
   Returns:
     (png path, npz path, uint8 samples [N, H, W, C]).
@@ -34,15 +38,54 @@ def _sample_run(run: train.Run, sample_fn, config: ml_collections.ConfigDict, wo
   store.close()
   step = int(state.step)
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
+  prompt_list = prompts(run, config)
+  name = f"samples_{step:07d}_seed{config.sample.seed}"
+  condition, extra = None, {}
+  count = config.sample.num_samples
+  if prompt_list is not None:
+    condition = run.prompt_condition(prompt_list)
+    condition = {k: np.repeat(v, count, axis=0) for k, v in condition.items()}
+    count *= len(prompt_list)
+    scale = float(config.sample.guidance_scale)
+    name += f"_w{scale:g}"
+    extra["guidance_scale"] = np.float32(scale)
   start = time.time()
   samples = sampling.generate(
-    sample_fn, state.ema_params, key, config.sample.num_samples, config.sample.batch_size
+    sample_fn, state.ema_params, key, count, config.sample.batch_size, condition
   )
   logging.info("sampled %d images in %.1fs", len(samples), time.time() - start)
-  png, npz = sampling.write_samples(
-    workdir, f"samples_{step:07d}_seed{config.sample.seed}", samples
-  )
+  png, npz = sampling.write_samples(workdir, name, samples, prompts=prompt_list, **extra)
   return png, npz, samples
+
+
+def prompts(run: train.Run, config: ml_collections.ConfigDict) -> list[str] | None:
+  """The prompts --mode=sample draws for: sample.prompt, else the lines of sample.prompts_file,
+  else one per class; None for an unconditional model (which takes no prompt).
+
+  Raises:
+    ConfigError: a prompt for an unconditional model, or a prompts file that cannot be read or
+      holds no prompt.
+  """
+  prompt, path = config.sample.get("prompt"), config.sample.get("prompts_file", "")
+  if run.cond_kind == "none":
+    if prompt or path:
+      raise ConfigError(
+        "sample.prompt / sample.prompts_file: this model is unconditional and takes no prompt"
+      )
+    return None
+  if prompt is not None:
+    return [prompt]
+  if path:
+    try:
+      with open(path) as f:
+        lines = [line.strip() for line in f]
+    except OSError as e:
+      raise ConfigError(f"sample.prompts_file={path!r} cannot be read: {e.strerror}") from e
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+      raise ConfigError(f"sample.prompts_file={path!r} holds no prompt (one per line)")
+    return lines
+  return [text.class_caption(name) for name in run.class_names]
 
 
 def sample_study(

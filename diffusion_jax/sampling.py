@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import data, images, parallel, samplers
+from diffusion_jax import conditioning, data, images, parallel, samplers
 from diffusion_jax.schedules import Schedule
 
 
@@ -25,9 +25,11 @@ def make_sample_fn(
   mesh: Mesh,
   *,
   to_uint8: bool = True,
+  guidance_scale: float = 1.0,
+  num_classes: int = 0,
   **sampler_options,
 ):
-  """Compiles one sampling call: (params, key, first_index) -> images.
+  """Compiles one sampling call: (params, key, first_index, condition=None) -> images.
 
   Args:
     model: the noise-prediction network.
@@ -36,17 +38,28 @@ def make_sample_fn(
     batch_size: images per call; a multiple of the device count.
     mesh: the device mesh; the batch is sharded over its "data" axis.
     to_uint8: return pixels; False returns the sampler's float32 x0 (for exact comparisons).
+    guidance_scale: classifier-free guidance weight w for a conditional model (1: the plain
+      conditional model, 0: the unconditional one); see `conditioning.guided`.
+    num_classes: the null label of a class-conditional model.
     **sampler_options: sampler, num_steps and the sampler's options (prediction, clip_x0,
       variance, eta, skip, ...; see `samplers.sample`).
 
   Returns:
-    A jitted function returning uint8 [batch_size, H, W, C] in [0, 255] (float32 in about
-    [-1, 1] if not `to_uint8`), sharded over the batch.
+    A function (params, key, first_index, condition=None) returning uint8 [batch_size, H, W, C]
+    in [0, 255] (float32 in about [-1, 1] if not `to_uint8`), sharded over the batch; a
+    conditional model needs `condition`, a dict of [batch_size, ...] arrays (labels or tokens).
   """
   parallel.check_batch_size(batch_size, mesh, field="sample.batch_size")
 
-  def sample_fn(params, key, first_index):
-    denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+  def sample_fn(params, key, first_index, cond):
+    apply_fn = lambda x_t, t, **c: model.apply({"params": params}, x_t, t, train=False, **c)
+    denoise_fn = conditioning.guided(
+      apply_fn,
+      cond,
+      guidance_scale,
+      num_classes=num_classes,
+      data_channels=image_shape[-1],
+    )
     x0 = samplers.sample(
       denoise_fn,
       schedule,
@@ -57,15 +70,27 @@ def make_sample_fn(
     )
     return data.denormalize_images(x0) if to_uint8 else x0
 
-  return jax.jit(
+  compiled = jax.jit(
     sample_fn,
-    in_shardings=(parallel.replicated(mesh), None, None),
+    # The condition comes from the host, the same on every process: replicated (it is small).
+    in_shardings=(parallel.replicated(mesh), None, None, parallel.replicated(mesh)),
     out_shardings=parallel.batch_sharded(mesh),
   )
+  return lambda params, key, first_index, cond=None: compiled(params, key, first_index, cond or {})
 
 
-def generate(sample_fn, params, key: jax.Array, num_samples: int, batch_size: int) -> np.ndarray:
+def generate(
+  sample_fn,
+  params,
+  key: jax.Array,
+  num_samples: int,
+  batch_size: int,
+  condition: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
   """Runs `sample_fn` over ceil(num_samples / batch_size) batches.
+
+  Args:
+    condition: for a conditional model, arrays [num_samples, ...]: image i's condition.
 
   Returns:
     [num_samples, H, W, C] on the host, of `sample_fn`'s dtype (every process gets all of them).
@@ -74,17 +99,35 @@ def generate(sample_fn, params, key: jax.Array, num_samples: int, batch_size: in
   num_batches = -(-num_samples // batch_size)
   for b in range(num_batches):
     start = time.time()
-    batch = sample_fn(params, key, np.int32(b * batch_size))
+    cond = None
+    if condition:
+      # The last batch is filled up with copies of the last condition; its extra images are
+      # dropped below.
+      picks = np.minimum(np.arange(b * batch_size, (b + 1) * batch_size), num_samples - 1)
+      cond = {name: np.asarray(value)[picks] for name, value in condition.items()}
+    batch = sample_fn(params, key, np.int32(b * batch_size), cond)
     outputs.append(np.asarray(multihost_utils.process_allgather(batch, tiled=True)))
     logging.info("sampled batch %d/%d in %.1fs", b + 1, num_batches, time.time() - start)
   return np.concatenate(outputs)[:num_samples]
 
 
-def write_samples(workdir: str, name: str, samples: np.ndarray) -> tuple[str, str]:
-  """Writes samples/<name>.png (a grid) and samples/<name>.npz (uint8 samples) on process 0."""
+def write_samples(
+  workdir: str, name: str, samples: np.ndarray, prompts: list[str] | None = None, **extra
+) -> tuple[str, str]:
+  """Writes samples/<name>.png (a grid) and samples/<name>.npz (uint8 samples) on process 0.
+
+  Args:
+    prompts: P prompts when the samples are P equal groups, one per prompt: the grid has a row
+      per prompt, labelled with it, and the npz gets "prompts" (str [P]).
+    **extra: more arrays for the npz.
+  """
   png = f"{workdir}/samples/{name}.png"
   npz = f"{workdir}/samples/{name}.npz"
   if jax.process_index() == 0:
-    images.save_grid(png, samples)
-    images.save_npz(npz, samples)
+    if prompts is not None:
+      images.save_labelled_grid(png, samples.reshape(len(prompts), -1, *samples.shape[1:]), prompts)
+      extra["prompts"] = np.asarray(prompts)
+    else:
+      images.save_grid(png, samples)
+    images.save_npz(npz, samples, **extra)
   return png, npz

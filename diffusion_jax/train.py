@@ -24,6 +24,7 @@ from absl import logging
 
 from diffusion_jax import (
   checkpoints,
+  conditioning,
   data,
   diffusion,
   importance,
@@ -34,10 +35,11 @@ from diffusion_jax import (
   samplers,
   sampling,
   studies,
+  text,
 )
 from diffusion_jax.errors import ConfigError, TrainingStopped
 from diffusion_jax.metric_writer import MetricWriter
-from diffusion_jax.models import check_model_config, make_model
+from diffusion_jax.models import check_model_config, condition_kind, make_model
 from diffusion_jax.schedules import Schedule, make_schedule
 
 
@@ -144,6 +146,12 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.t_sampling={config.diffusion.t_sampling!r} is unknown; "
       f"valid: {', '.join(T_SAMPLING)}"
     )
+  drop_prob = config.train.get("cond_drop_prob", 0.0)
+  if not 0.0 <= drop_prob <= 1.0:
+    raise ConfigError(f"train.cond_drop_prob={drop_prob} must be a probability in [0, 1]")
+  scale = config.sample.get("guidance_scale", 1.0)
+  if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    raise ConfigError(f"sample.guidance_scale={scale!r} must be a finite number (e.g. 3)")
   if config.diffusion.prediction not in diffusion.PREDICTIONS:
     raise ConfigError(
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
@@ -182,16 +190,24 @@ def sample_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
 
 
 def init_state(
-  model: nn.Module, tx, image_shape, key: jax.Array, *, t_history_size: int | None = None
+  model: nn.Module,
+  tx,
+  image_shape,
+  key: jax.Array,
+  *,
+  t_history_size: int | None = None,
+  example_condition: conditioning.Condition | None = None,
 ) -> TrainState:
   """A fresh TrainState at step 0 (EMA params start equal to params).
 
   Args:
     t_history_size: T, for importance sampling of t (an empty `importance.LossHistory`); None
       for uniform t.
+    example_condition: the condition of one example (arrays with a leading axis of 1) for a
+      conditional model; None for an unconditional one.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  params = model.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
+  params = model.init(key, x, jnp.zeros((1,), jnp.int32), **(example_condition or {}))["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -217,18 +233,26 @@ def train_step(
   loss_type: str = "simple",
   variance: str = "fixed_large",
   vlb_weight: float = 0.001,
+  cond_kind: str = "none",
+  cond_drop_prob: float = 0.0,
+  num_classes: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the training loss; pure.
 
   Args:
     state: the current state (donated by the caller). With `state.t_history`, t is drawn by
       importance sampling from it (and it records this step's losses); otherwise uniformly.
-    batch: "image" uint8 [B, H, W, C], the global batch sharded over devices.
+    batch: "image" uint8 [B, H, W, C], the global batch sharded over devices; a conditional
+      model also reads "label" [B] int32 or "tokens" [B, L] int32 (see `conditioning.from_batch`).
     train_key: the run's train stream key; this step uses fold_in(train_key, state.step).
     model, schedule, tx, train_config: static parts of the step.
     prediction: what the model predicts, one of diffusion.PREDICTIONS.
     loss_type, variance, vlb_weight: the loss (`losses.LOSS_TYPES`), the reverse variance it
       assumes and λ of the hybrid loss.
+    cond_kind: what the model is conditioned on (`models.CONDITIONING`).
+    cond_drop_prob: the probability that an example's condition is replaced by the null one
+      (drawn from the example's key), which trains the unconditional model for guidance.
+    num_classes: the null label of a class-conditional model.
 
   Returns:
     (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm, lr, and for
@@ -244,6 +268,8 @@ def train_step(
   # CPU), since XLA does not fully recover the batched program from the vmapped one.
   keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(x0.shape[0]))
   loss_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+  cond = conditioning.from_batch(cond_kind, batch)
+  cond = conditioning.drop(cond, keys, cond_drop_prob, num_classes)
   t_probs = None if state.t_history is None else importance.probabilities(state.t_history)
   loss_options = dict(
     loss_type=loss_type,
@@ -253,9 +279,10 @@ def train_step(
     t_probs=t_probs,
   )
 
-  def example_loss(params, x0_i, loss_key, dropout_key):
+  def example_loss(params, x0_i, cond_i, loss_key, dropout_key):
+    cond_i = jax.tree.map(lambda c: c[None], cond_i)
     denoise_fn = lambda x_t, t: model.apply(
-      {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
+      {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **cond_i
     )
     loss, terms = losses.loss_per_example_keys(
       schedule, denoise_fn, x0_i[None], loss_key[None], **loss_options
@@ -264,11 +291,11 @@ def train_step(
 
   def loss_fn(params):
     if _uses_dropout(model):
-      per_example, terms = jax.vmap(example_loss, in_axes=(None, 0, 0, 0))(
-        params, x0, loss_keys, dropout_keys
+      per_example, terms = jax.vmap(example_loss, in_axes=(None, 0, 0, 0, 0))(
+        params, x0, cond, loss_keys, dropout_keys
       )
     else:
-      denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True)
+      denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True, **cond)
       per_example, terms = losses.loss_per_example_keys(
         schedule, denoise_fn, x0, loss_keys, **loss_options
       )
@@ -320,6 +347,12 @@ class Run:
   mesh: Any
   tx: optax.GradientTransformation
   image_shape: tuple[int, int, int]
+  # What the model is conditioned on (`models.CONDITIONING`), the null label of a
+  # class-conditional model, and the prompt tokenizer of a text-conditional one.
+  cond_kind: str = "none"
+  num_classes: int = 0
+  tokenizer: text.Tokenizer | None = None
+  class_names: tuple[str, ...] = ()
 
   def init_state(self, key: jax.Array) -> TrainState:
     """`init_state` for this run's model, optimizer and t sampling."""
@@ -330,7 +363,50 @@ class Run:
       self.image_shape,
       key,
       t_history_size=self.schedule.num_timesteps if importance_sampling else None,
+      example_condition=self.prompt_condition([""]) if self.cond_kind != "none" else None,
     )
+
+  def grid_prompts(self, num_images: int):
+    """What a training-time sample grid shows: (prompts or None, condition or None, count).
+
+    An unconditional model draws `num_images` images; a conditional one about as many, spread
+    evenly over one prompt per class (at least one image each), with guidance as configured.
+    """
+    if self.cond_kind == "none":
+      return None, None, num_images
+    prompts = [text.class_caption(name) for name in self.class_names]
+    per_prompt = max(1, num_images // len(prompts))
+    condition = self.prompt_condition(prompts)
+    condition = {k: np.repeat(v, per_prompt, axis=0) for k, v in condition.items()}
+    return prompts, condition, per_prompt * len(prompts)
+
+  def prompt_condition(self, prompts: list[str]) -> dict[str, np.ndarray]:
+    """The condition of each prompt: token ids (text), or the label of the class it names.
+
+    An empty prompt is the null condition (an unconditional sample). A text prompt with
+    unknown words is used with a warning (`text.Tokenizer.encode`).
+
+    Raises:
+      ConfigError: a class-conditional model is given a prompt that names no class.
+    """
+    if self.cond_kind == "text":
+      return {"tokens": self.tokenizer.encode(prompts)}
+    if self.cond_kind == "class":
+      names = {n.lower(): i for i, n in enumerate(self.class_names)}
+      names.update({text.class_caption(n).lower(): i for n, i in list(names.items())})
+      labels = []
+      for prompt in prompts:
+        key = " ".join(prompt.lower().split())
+        if key and key not in names:
+          raise ConfigError(
+            f"sample.prompt={prompt!r} names no class of this class-conditional model; use one "
+            f'of: {", ".join(self.class_names)} (or "" for an unconditional sample)'
+          )
+        labels.append(names.get(key, self.num_classes))
+      return {"labels": np.asarray(labels, np.int32)}
+    if any(prompts):
+      raise ConfigError("sample.prompt: this model is unconditional; it takes no prompt")
+    return {}
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes, replicated over the mesh, without computing anything."""
@@ -354,6 +430,8 @@ class Run:
       variance=self.config.diffusion.variance,
       clip_x0=self.config.diffusion.clip_x0,
       prediction=self.config.diffusion.prediction,
+      guidance_scale=float(sample.get("guidance_scale", 1.0)),
+      num_classes=self.num_classes,
       **options,
     )
 
@@ -380,6 +458,9 @@ def compile_train_step(run: Run, num_seeds: int | None = None):
     loss_type=run.config.diffusion.get("loss", "simple"),
     variance=run.config.diffusion.variance,
     vlb_weight=run.config.diffusion.get("vlb_weight", 0.001),
+    cond_kind=run.cond_kind,
+    cond_drop_prob=run.config.train.get("cond_drop_prob", 0.0),
+    num_classes=run.num_classes,
   )
   if num_seeds:
     step = jax.vmap(step) if seed_batching(run.config) == "vmap" else _unrolled(step, num_seeds)
@@ -410,6 +491,25 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
   mesh = parallel.make_mesh()
   check_config(config, mesh)
   image_size = config.data.image_size
+  cond_kind = condition_kind(config.model)
+  tokenizer, class_names = None, ()
+  if cond_kind != "none":
+    source = data.make_source(config.data)
+    class_names = tuple(source.class_names)
+    if cond_kind == "class" and config.model.num_classes != source.num_classes:
+      raise ConfigError(
+        f"model.num_classes={config.model.num_classes} but data.dataset="
+        f"{config.data.dataset!r} has {source.num_classes} classes; set model.num_classes="
+        f"{source.num_classes}"
+      )
+    if cond_kind == "text":
+      tokenizer = text.tokenizer_for(source, config.model.text.max_length)
+      if len(tokenizer) > config.model.text.vocab_size:
+        raise ConfigError(
+          f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+          f"{len(tokenizer)} tokens of the captions of data.dataset={config.data.dataset!r}; "
+          f"set it to at least {len(tokenizer)}"
+        )
   return Run(
     config=config,
     model=make_model(config.model),
@@ -417,6 +517,10 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     mesh=mesh,
     tx=make_optimizer(config.train),
     image_shape=(image_size, image_size, 3),
+    cond_kind=cond_kind,
+    num_classes=int(config.model.get("num_classes", 0)),
+    tokenizer=tokenizer,
+    class_names=class_names,
   )
 
 
@@ -541,9 +645,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       start_step=start_step,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      tokenizer=run.tokenizer,
     )
     for m in members
   ]
+  # What a step feeds the model: the images, and the labels or captions of a conditional model.
+  fields = ("image",) + {"class": ("label",), "text": ("tokens",)}.get(run.cond_kind, ())
   writers = [MetricWriter(m.workdir) for m in members]
   progress = tqdm.tqdm(
     total=train_config.num_steps,
@@ -566,9 +673,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cleanup.callback(store.close)
     cleanup.callback(progress.close)
     for step in range(start_step + 1, train_config.num_steps + 1):
-      images = [next(it)["image"] for it in iterators]
-      images = np.stack(images) if num_seeds else images[0]
-      batch = parallel.put_batch({"image": images}, run.mesh, axis=1 if num_seeds else 0)
+      batches = [next(it) for it in iterators]
+      batch = {f: np.stack([b[f] for b in batches]) if num_seeds else batches[0][f] for f in fields}
+      batch = parallel.put_batch(batch, run.mesh, axis=1 if num_seeds else 0)
       state, metrics = step_fn(state, batch, train_key)
       # Wait for the previous step (not this one) so the progress bar shows the real rate while
       # the device still has the next step queued.
@@ -608,17 +715,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           )
       if (sample_now or is_last) and train_config.num_grid_samples > 0:
         sample_fn = sample_fn or run.sample_fn()
+        prompts, condition, count = run.grid_prompts(train_config.num_grid_samples)
         for i, member in enumerate(members):
-          _say(progress, f"sampling {train_config.num_grid_samples} images at step {step}")
+          _say(progress, f"sampling {count} images at step {step}")
           ema_params = _take_seed(state.ema_params, i) if num_seeds else state.ema_params
           samples = sampling.generate(
             sample_fn,
             ema_params,
             rng.stream_key(member.seed, rng.SAMPLE),
-            train_config.num_grid_samples,
+            count,
             config.sample.batch_size,
+            condition,
           )
-          png, _ = sampling.write_samples(member.workdir, f"step_{step:07d}", samples)
+          png, _ = sampling.write_samples(
+            member.workdir, f"step_{step:07d}", samples, prompts=prompts
+          )
           _say(progress, f"wrote {png}")
       if stopped_by:
         break

@@ -23,6 +23,7 @@ from diffusion_jax.errors import ConfigError
 # Constants that separate the data order and the flips into independent random streams.
 _SHUFFLE_STREAM = 0x5EED_0DE5
 _FLIP_STREAM = 0xF11B_5EED
+_CAPTION_STREAM = 0xCA97_1011
 _MIN_IMAGE_SIZE = 8
 # "Infinite": 2**62 positions outlast any run and keep int64 arithmetic on them safe.
 _STREAM_LENGTH = 2**62
@@ -91,7 +92,16 @@ def make_source(data_config: Any):
         f"data.split={data_config.split!r} does not exist for data.dataset=shapes; "
         f"valid: {', '.join(splits)}"
       )
-    return ShapesSource(int(num), image_size, seed=splits[data_config.split])
+    # Held-out classes leave the training split only; the test split keeps all of them.
+    exclude = ()
+    if data_config.split == "train":
+      exclude = tuple(
+        n.strip() for n in getattr(data_config, "exclude_classes", "").split(",") if n.strip()
+      )
+    try:
+      return ShapesSource(int(num), image_size, seed=splits[data_config.split], exclude=exclude)
+    except ValueError as e:
+      raise ConfigError(f"data.exclude_classes: {e}") from e
   if name == "folder":
     from diffusion_jax.data.folder import FolderSource
 
@@ -161,21 +171,45 @@ class _EpochOrder:
     return int(self.permutation(epoch)[k])
 
 
+class _Captions:
+  """(source index, label, stream position) -> the caption's token ids, int32 [L].
+
+  The caption's random choices (which attributes it names) come from a generator seeded with
+  (seed, position), like the flips: a pure function of the stream position.
+  """
+
+  def __init__(self, source, tokenizer, seed: int):
+    from diffusion_jax import text
+
+    self._caption = text.make_captioner(source)
+    self._tokenizer = tokenizer
+    self._seed = _derive_seed(seed, _CAPTION_STREAM)
+
+  def __call__(self, index: int, label: int, position: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, int(position)])
+    return self._tokenizer.encode_one(self._caption(index, label, rng))
+
+
 class _ReadExample:
   """Stream position -> the example there, with only the fields that batch into arrays."""
 
-  def __init__(self, source, order: _EpochOrder):
+  def __init__(self, source, order: _EpochOrder, captions: _Captions | None = None):
     self._source = source
     self._order = order
+    self._captions = captions
 
   def __call__(self, position: int) -> dict:
-    example = self._source[self._order(position)]
-    # Captions stay reachable through the source; strings do not go to devices.
-    return {
+    index = self._order(position)
+    example = self._source[index]
+    # Strings do not go to devices: a caption travels as its token ids.
+    out = {
       "image": example["image"],
       "label": np.int32(example["label"]),
       "index": np.int64(position),
     }
+    if self._captions is not None:
+      out["tokens"] = self._captions(index, out["label"], position)
+    return out
 
 
 def _flip(example: dict, rng: np.random.Generator) -> dict:
@@ -184,23 +218,34 @@ def _flip(example: dict, rng: np.random.Generator) -> dict:
   return example
 
 
-def example_stream(source, *, seed: int, random_flip: bool) -> grain.MapDataset:
+def example_stream(
+  source, *, seed: int, random_flip: bool, tokenizer=None, caption_source=None
+) -> grain.MapDataset:
   """The infinite, randomly accessible stream of training examples.
 
   Args:
     source: a random-access source (see `make_source`) with N >= 1 examples.
     seed: the data seed; the order of epoch e depends only on (seed, e).
     random_flip: flip each example horizontally with probability 1/2, decided by (seed, j).
+      Captions describe the unflipped image, so captions naming left and right (the shapes set)
+      need flips off.
+    tokenizer: a `text.Tokenizer`: examples also carry their caption's token ids.
+    caption_source: the source whose captions are read (default `source`; differs when
+      `source` is a cache wrapper).
 
   Returns:
     A `grain.MapDataset` whose element j (stream position, any int >= 0) is {"image": uint8
-    [S, S, 3], "label": int32 scalar, "index": int64 scalar j}.
+    [S, S, 3], "label": int32 scalar, "index": int64 scalar j} and, with a tokenizer,
+    "tokens" int32 [L].
   """
   if len(source) < 1:
     raise ConfigError("data.dataset has no examples: check data.path and data.split.")
   order = _EpochOrder(len(source), _derive_seed(seed, _SHUFFLE_STREAM))
+  captions = None
+  if tokenizer is not None:
+    captions = _Captions(caption_source or source, tokenizer, seed)
   # Element j of the range is j itself, so every later index is the stream position.
-  ds = grain.MapDataset.range(_STREAM_LENGTH).map(_ReadExample(source, order))
+  ds = grain.MapDataset.range(_STREAM_LENGTH).map(_ReadExample(source, order, captions))
   if random_flip:
     # random_map seeds each element's generator with (seed, j), j the stream position.
     ds = ds.random_map(_flip, seed=_derive_seed(seed, _FLIP_STREAM))
@@ -208,11 +253,14 @@ def example_stream(source, *, seed: int, random_flip: bool) -> grain.MapDataset:
 
 
 def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
-  return {
+  out = {
     "image": np.stack([ex["image"] for ex in examples]).astype(np.uint8, copy=False),
     "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32),
     "index": np.asarray([ex["index"] for ex in examples], dtype=np.int64),
   }
+  if "tokens" in examples[0]:
+    out["tokens"] = np.stack([ex["tokens"] for ex in examples]).astype(np.int32, copy=False)
+  return out
 
 
 def make_train_iterator(
@@ -224,6 +272,7 @@ def make_train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   cache_limit_bytes: int = DEFAULT_CACHE_LIMIT_BYTES,
+  tokenizer=None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """The batches this process feeds to the training steps start_step, start_step + 1, ...
 
@@ -238,11 +287,12 @@ def make_train_iterator(
     process_count: P, the number of processes; must divide B.
     cache_limit_bytes: keep decoded images in memory when the whole data set fits in this many
       bytes (N * S * S * 3); 0 disables the cache. It changes speed only, never the batches.
+    tokenizer: a `text.Tokenizer` for text-conditional training: batches also carry "tokens".
 
   Returns:
     An infinite iterator of dicts of NumPy arrays, with b = B / P:
     "image" uint8 [b, S, S, 3] in [0, 255], "label" int32 [b], "index" int64 [b] (the stream
-    positions s * B + p * b + [0, b)).
+    positions s * B + p * b + [0, b)) and, with a tokenizer, "tokens" int32 [b, L] (captions).
 
   Raises:
     ConfigError: a bad config field (the message names it).
@@ -260,11 +310,17 @@ def make_train_iterator(
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
-  source = make_source(data_config)
+  source = raw_source = make_source(data_config)
   image_shape = (data_config.image_size, data_config.image_size, 3)
   if 0 < len(source) * int(np.prod(image_shape)) <= cache_limit_bytes:
     source = _DecodedCache(source, image_shape)
-  ds = example_stream(source, seed=seed, random_flip=bool(data_config.random_flip))
+  ds = example_stream(
+    source,
+    seed=seed,
+    random_flip=bool(data_config.random_flip),
+    tokenizer=tokenizer,
+    caption_source=raw_source,
+  )
   per_process = global_batch_size // process_count
   # Batch q of size b holds positions [q * b, (q + 1) * b); the global batch of step s is batches
   # s * P .. s * P + P - 1, so process p takes every P-th batch starting at start_step * P + p.

@@ -43,6 +43,12 @@ def _position_bucket(cx: float, cy: float) -> str:
   return " ".join(part for part in (row, col) if part) or "centre"
 
 
+def _where(position: str) -> str:
+  """The phrase of a position: "at the top", "on the left", "in the top left", "in the centre"."""
+  phrase = {"top": "at the top", "bottom": "at the bottom", "left": "on the left"}.get(position)
+  return phrase or ("on the right" if position == "right" else f"in the {position}")
+
+
 class ShapesSource:
   """Random-access source of generated shape images.
 
@@ -51,19 +57,36 @@ class ShapesSource:
     class_names: `num_classes` strings such as "red circle"; label = shape * 4 + colour.
   """
 
-  def __init__(self, num_examples: int, image_size: int = 32, *, seed: int = 0):
+  def __init__(
+    self, num_examples: int, image_size: int = 32, *, seed: int = 0, exclude: tuple[str, ...] = ()
+  ):
     """Creates the source.
 
     Args:
       num_examples: number of images in the set, > 0.
       image_size: side of the square images in pixels.
       seed: selects the set; image i is a pure function of (seed, i).
+      exclude: class names ("green triangle", ...) that the set leaves out, e.g. to test how a
+        text-conditional model composes a colour and a shape it never saw together. The set then
+        cycles through the other classes.
+
+    Raises:
+      ValueError: an excluded name is not a class, or every class is excluded.
     """
     self._num_examples = int(num_examples)
     self._image_size = int(image_size)
     self._seed = int(seed)
     self.num_classes = len(SHAPES) * len(COLOURS)
     self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+    unknown = [name for name in exclude if name not in self.class_names]
+    if unknown:
+      raise ValueError(
+        f"{', '.join(map(repr, unknown))} is not a shapes class; classes: "
+        f"{', '.join(self.class_names)}"
+      )
+    self._labels = [i for i, name in enumerate(self.class_names) if name not in exclude]
+    if not self._labels:
+      raise ValueError("every shapes class is excluded")
 
   def __len__(self) -> int:
     return self._num_examples
@@ -74,7 +97,7 @@ class ShapesSource:
       raise IndexError(f"index {index} out of range for {self._num_examples} shapes")
     # Labels cycle through the classes so that every class has the same count (+-1); the rest of
     # the image is random.
-    label = index % self.num_classes
+    label = self._labels[index % len(self._labels)]
     rng = np.random.default_rng([self._seed, index])
     size, angle, px, py, bg, *jitter = rng.random(8)
     size = MIN_SIZE + (MAX_SIZE - MIN_SIZE) * size
@@ -115,16 +138,32 @@ class ShapesSource:
     colour = COLOURS[p["label"] % len(COLOURS)]
     size = "small" if p["size"] < SIZE_SPLIT else "large"
     position = _position_bucket(p["cx"], p["cy"])
-    where = {"top": "at the top", "bottom": "at the bottom", "left": "on the left"}.get(position)
-    where = where or ("on the right" if position == "right" else f"in the {position}")
     return {
       "shape": shape,
       "colour": colour,
       "size": size,
       "position": position,
       "caption": f"a {colour} {shape}",
-      "description": f"a {size} {colour} {shape} {where}",
+      "description": f"a {size} {colour} {shape} {_where(position)}",
     }
+
+  def caption(self, index: int, rng: np.random.Generator) -> str:
+    """A compositional caption of image `index`: its colour and shape, and each of its size and
+    position with probability 1/2 (drawn from `rng`): "a red circle", "a small red circle",
+    "a red circle in the top left", "a large red circle at the bottom"."""
+    a = self.attributes(index)
+    with_size, with_position = rng.random(2) < 0.5
+    words = ["a", a["size"]] if with_size else ["a"]
+    words += [a["colour"], a["shape"]]
+    if with_position:
+      words.append(_where(a["position"]))
+    return " ".join(words)
+
+  def caption_words(self) -> list[str]:
+    """Every word a caption can contain."""
+    cells = [_position_bucket(x, y) for x in (0.1, 0.5, 0.9) for y in (0.1, 0.5, 0.9)]
+    phrases = ["a", "small", "large", *COLOURS, *SHAPES, *(_where(c) for c in cells)]
+    return sorted({w for phrase in phrases for w in phrase.split()})
 
   def _render(self, p: dict) -> np.ndarray:
     s = self._image_size * _SUPERSAMPLE

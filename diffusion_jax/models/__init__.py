@@ -9,16 +9,31 @@ from typing import Any
 
 import flax.linen as nn
 
-from diffusion_jax.models.unet import CIFAR10_NUM_PARAMS, UNet, UNetConfig, unet_config_from
+from diffusion_jax.models.text import TextEncoder, TextEncoderConfig, text_config_from
+from diffusion_jax.models.unet import (
+  CIFAR10_NUM_PARAMS,
+  TextUNet,
+  UNet,
+  UNetConfig,
+  unet_config_from,
+)
 from diffusion_jax.models.unet import check_image_size as _check_image_size
 
 __all__ = [
   "CIFAR10_NUM_PARAMS",
+  "CONDITIONING",
+  "TextEncoder",
+  "TextEncoderConfig",
+  "TextUNet",
   "UNet",
   "UNetConfig",
   "check_model_config",
+  "condition_kind",
   "make_model",
 ]
+
+# What a network is conditioned on: nothing, a class label, or a text prompt.
+CONDITIONING = ("none", "class", "text")
 
 _MODELS = ("unet",)
 
@@ -29,6 +44,45 @@ def _model_name(model_config: Any) -> str:
   if isinstance(model_config, Mapping):
     return model_config.get("name", "unet")
   return getattr(model_config, "name", "unet")
+
+
+def _text_section(model_config: Any) -> Any:
+  if isinstance(model_config, UNetConfig):
+    return None
+  if isinstance(model_config, Mapping):
+    return model_config.get("text")
+  return getattr(model_config, "text", None)
+
+
+def condition_kind(model_config: Any) -> str:
+  """What the network described by the `model` section is conditioned on.
+
+  Returns:
+    "text" when model.text.vocab_size > 0, "class" when model.num_classes > 0, else "none".
+
+  Raises:
+    ValueError: both are set, or cross-attention without text (or text without it).
+  """
+  unet = unet_config_from(model_config)
+  text = text_config_from(_text_section(model_config))
+  if text.vocab_size and unet.num_classes:
+    raise ValueError(
+      "model.num_classes and model.text.vocab_size are both set; a network is conditioned on "
+      "labels or on text: set one of them to 0"
+    )
+  if text.vocab_size and not unet.cross_attn_resolutions:
+    raise ValueError(
+      "model.text.vocab_size > 0 needs model.cross_attn_resolutions (the feature-map sizes that "
+      "attend to the text), e.g. (8, 4)"
+    )
+  if unet.cross_attn_resolutions and not text.vocab_size:
+    raise ValueError(
+      f"model.cross_attn_resolutions={unet.cross_attn_resolutions} needs a text encoder: set "
+      "model.text.vocab_size, or () for no cross-attention"
+    )
+  if text.vocab_size:
+    return "text"
+  return "class" if unet.num_classes else "none"
 
 
 def check_model_config(model_config: Any, image_size: int) -> None:
@@ -46,6 +100,7 @@ def check_model_config(model_config: Any, image_size: int) -> None:
   if name not in _MODELS:
     raise ValueError(f"model.name={name!r} is not a known model; valid choices: {_MODELS}.")
   _check_image_size(unet_config_from(model_config), int(image_size))
+  condition_kind(model_config)
 
 
 def make_model(model_config: Any) -> nn.Module:
@@ -58,7 +113,9 @@ def make_model(model_config: Any) -> nn.Module:
     A linen module used as `module.init(key, x, t)` and
     `module.apply({"params": params}, x_t, t, train=False, rngs=None)` with x_t [B, H, W, C] float32
     roughly in [-1, 1] and t [B] int32/float32 timesteps, returning [B, H, W, out_channels]
-    float32. `train=True` turns dropout on and needs `rngs={"dropout": key}`.
+    float32. `train=True` turns dropout on and needs `rngs={"dropout": key}`. A class-conditional
+    network (model.num_classes > 0) also takes `labels=` [B] int32, a text-conditional one
+    (model.text.vocab_size > 0) `tokens=` [B, L] int32 (see `condition_kind`).
 
   Raises:
     ValueError: unknown `model.name` or an invalid field (named in the message).
@@ -66,4 +123,7 @@ def make_model(model_config: Any) -> nn.Module:
   name = _model_name(model_config)
   if name not in _MODELS:
     raise ValueError(f"model.name={name!r} is not a known model; valid choices: {_MODELS}.")
-  return UNet(unet_config_from(model_config))
+  config = unet_config_from(model_config)
+  if condition_kind(model_config) == "text":
+    return TextUNet(config, text_config_from(_text_section(model_config)))
+  return UNet(config)

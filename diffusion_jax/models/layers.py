@@ -1,4 +1,5 @@
-"""Building blocks of the DDPM U-Net: timestep embedding, ResBlock, self-attention, resampling.
+"""Building blocks of the DDPM U-Net: timestep embedding, ResBlock, self- and cross-attention,
+resampling.
 
 The layers follow the original DDPM design (Ho et al. 2020): GroupNorm + swish, weights drawn by
 variance scaling (fan_avg, uniform), zero biases, and the last layer of every residual branch
@@ -219,6 +220,50 @@ class AttnBlock(nn.Module):
     # Logits accumulate in float32 so that a bfloat16 compute dtype does not flatten the softmax.
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+    return x + dense(c, self.dtype, "proj_out", zero=True)(out)
+
+
+class CrossAttnBlock(nn.Module):
+  """Multi-head attention from every spatial position to a sequence of context embeddings.
+
+  GroupNorm -> q (1x1 projection of the image features); k, v (projections of the context) ->
+  softmax(q k^T / sqrt(d_head)) v per head over the valid context tokens only -> output projection
+  (zero-initialised) -> added to the input. Padded tokens are masked out of the softmax, so their
+  values change nothing.
+
+  Attributes:
+    num_heads: attention heads; must divide the channel count.
+    num_groups: GroupNorm groups; must divide the channel count.
+    dtype: compute dtype; the softmax runs in float32.
+  """
+
+  num_heads: int = 1
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C] activations.
+      context: [B, L, D] context embeddings (e.g. a text encoder's token embeddings).
+      mask: [B, L] bool, True for the tokens to attend to; every row needs at least one.
+
+    Returns:
+      [B, H, W, C] activations in `dtype`.
+    """
+    b, height, width, c = x.shape
+    head_dim = c // self.num_heads
+    h = group_norm(self.num_groups, self.dtype, "norm")(x)
+    q = dense(c, self.dtype, "q")(h).reshape(b, height * width, self.num_heads, head_dim)
+    context = context.astype(self.dtype)
+    k = dense(c, self.dtype, "k")(context).reshape(b, -1, self.num_heads, head_dim)
+    v = dense(c, self.dtype, "v")(context).reshape(b, -1, self.num_heads, head_dim)
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None, :], logits * head_dim**-0.5, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
     return x + dense(c, self.dtype, "proj_out", zero=True)(out)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
+from diffusion_jax.models.text import PAD_ID, TextEncoder, TextEncoderConfig
 
 CIFAR10_NUM_PARAMS = 35_746_307
 
@@ -41,6 +42,12 @@ class UNetConfig:
       (space-to-depth) and unfolds the output the same way, so the U-Net runs at 1/p of the
       resolution for about 1/p**2 of the compute; attn_resolutions then refer to the folded
       feature maps. 1 (the original design) leaves the input as it is.
+    num_classes: > 0 makes the network class-conditional: a learned embedding of the label is
+      added to the timestep embedding; label `num_classes` is the learned "no label" entry
+      (classifier-free guidance). 0: unconditional.
+    cross_attn_resolutions: feature-map heights after whose ResBlocks (and self-attention)
+      cross-attention to a context sequence (text embeddings) is added; non-empty also adds it
+      in the middle. Empty: no cross-attention.
   """
 
   channels: int = 128
@@ -54,6 +61,8 @@ class UNetConfig:
   out_channels: int = 3
   dtype: str = "float32"
   patch_size: int = 1
+  num_classes: int = 0
+  cross_attn_resolutions: tuple[int, ...] = ()
 
 
 def unet_config_from(model_config: Any) -> UNetConfig:
@@ -98,6 +107,8 @@ def unet_config_from(model_config: Any) -> UNetConfig:
       out_channels=int(get("out_channels")),
       dtype=dtype,
       patch_size=int(get("patch_size")),
+      num_classes=int(get("num_classes")),
+      cross_attn_resolutions=tuple(int(r) for r in get("cross_attn_resolutions")),
     )
   _check_fields(config)
   return config
@@ -115,6 +126,8 @@ def _check_fields(config: UNetConfig) -> None:
   for field in ("channels", "num_heads", "num_groups", "out_channels", "patch_size"):
     if getattr(config, field) < 1:
       raise ValueError(f"model.{field}={getattr(config, field)} must be a positive integer.")
+  if config.num_classes < 0:
+    raise ValueError(f"model.num_classes={config.num_classes} must be >= 0 (0: unconditional).")
   if config.num_res_blocks < 0:
     raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 0.")
   if not 0.0 <= config.dropout < 1.0:
@@ -154,7 +167,12 @@ def check_image_size(config: UNetConfig, height: int, width: int | None = None) 
   height //= config.patch_size
   for level, mult in enumerate(config.channel_mult):
     width_channels = config.channels * mult
-    has_attn = level == last or height // 2**level in config.attn_resolutions
+    size = height // 2**level
+    has_attn = level == last or size in config.attn_resolutions
+    has_attn = has_attn or (
+      bool(config.cross_attn_resolutions)
+      and size in (*config.cross_attn_resolutions, height // 2**last)
+    )
     if has_attn and width_channels % config.num_heads:
       raise ValueError(
         f"model.num_heads={config.num_heads} does not divide the {width_channels} channels "
@@ -171,7 +189,9 @@ class UNet(nn.Module):
   concatenation with a skip from the down path, attention likewise, then an Upsample except at
   level 0) -> GroupNorm -> swish -> conv_out (zero-initialised). The timestep enters every
   ResBlock through a sinusoidal embedding of width `channels` and a 2-layer MLP of width
-  4 * channels.
+  4 * channels. A class-conditional network adds a label embedding to the timestep embedding; a
+  text-conditional one adds cross-attention to the context after the self-attention layers
+  (`cross_attn_resolutions`, and in the middle).
 
   Attributes:
     config: the hyper-parameters.
@@ -180,7 +200,16 @@ class UNet(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    train: bool = False,
+    *,
+    labels: jax.Array | None = None,
+    context: jax.Array | None = None,
+    context_mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Predicts the model output for noisy images.
 
     Args:
@@ -189,6 +218,10 @@ class UNet(nn.Module):
       t: [B] int32 or float32 timesteps (fractional values are fine, e.g. for continuous-time
         samplers).
       train: enables dropout; then `apply` needs `rngs={"dropout": key}`.
+      labels: [B] int32 in [0, num_classes]; required when num_classes > 0 (num_classes means
+        "no label").
+      context: [B, L, D] float context embeddings; required with cross_attn_resolutions.
+      context_mask: [B, L] bool, True for valid context tokens (default: all valid).
 
     Returns:
       [B, H, W, out_channels] float32 output (eps for the eps-parameterization); exactly zero at
@@ -207,6 +240,27 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, cfg.channels)
     temb = layers.dense(4 * cfg.channels, dtype, "temb_dense0")(temb)
     temb = layers.dense(4 * cfg.channels, dtype, "temb_dense1")(nn.swish(temb))
+    if cfg.num_classes:
+      if labels is None:
+        raise ValueError("this U-Net is class-conditional (model.num_classes > 0): pass labels")
+      chex.assert_shape(labels, (batch,))
+      # One more row than classes: the last is the learned "no label" embedding.
+      label_embedding = nn.Embed(
+        cfg.num_classes + 1,
+        4 * cfg.channels,
+        embedding_init=nn.initializers.normal(1.0),
+        name="label_embedding",
+      )
+      temb = temb + label_embedding(labels).astype(temb.dtype)
+    cross = bool(cfg.cross_attn_resolutions)
+    if cross:
+      if context is None:
+        raise ValueError(
+          "this U-Net has cross-attention (model.cross_attn_resolutions): pass context"
+        )
+      chex.assert_rank(context, 3)
+      if context_mask is None:
+        context_mask = jnp.ones(context.shape[:2], bool)
 
     def res_block(h, out_channels, name):
       block = layers.ResBlock(out_channels, cfg.dropout, cfg.num_groups, dtype, name=name)
@@ -214,6 +268,12 @@ class UNet(nn.Module):
 
     def attn_block(h, name):
       return layers.AttnBlock(cfg.num_heads, cfg.num_groups, dtype, name=name)(h)
+
+    def cross_attn_block(h, name, middle=False):
+      if not cross or not (middle or h.shape[1] in cfg.cross_attn_resolutions):
+        return h
+      block = layers.CrossAttnBlock(cfg.num_heads, cfg.num_groups, dtype, name=name)
+      return block(h, context, context_mask)
 
     num_levels = len(cfg.channel_mult)
     # Down path; `skips` collects every output that the up path concatenates back in.
@@ -223,6 +283,7 @@ class UNet(nn.Module):
         h = res_block(skips[-1], cfg.channels * mult, f"down_{level}_block_{i}")
         if h.shape[1] in cfg.attn_resolutions:
           h = attn_block(h, f"down_{level}_attn_{i}")
+        h = cross_attn_block(h, f"down_{level}_cross_attn_{i}")
         skips.append(h)
       if level != num_levels - 1:
         down = layers.Downsample(cfg.resamp_with_conv, dtype, name=f"down_{level}_downsample")
@@ -230,6 +291,7 @@ class UNet(nn.Module):
 
     h = res_block(skips[-1], None, "mid_block_1")
     h = attn_block(h, "mid_attn_1")
+    h = cross_attn_block(h, "mid_cross_attn_1", middle=True)
     h = res_block(h, None, "mid_block_2")
 
     for level in reversed(range(num_levels)):
@@ -238,6 +300,7 @@ class UNet(nn.Module):
         h = res_block(h, cfg.channels * cfg.channel_mult[level], f"up_{level}_block_{i}")
         if h.shape[1] in cfg.attn_resolutions:
           h = attn_block(h, f"up_{level}_attn_{i}")
+        h = cross_attn_block(h, f"up_{level}_cross_attn_{i}")
       if level != 0:
         h = layers.Upsample(cfg.resamp_with_conv, dtype, name=f"up_{level}_upsample")(h)
     assert not skips, "every down-path output must be consumed by the up path"
@@ -247,3 +310,38 @@ class UNet(nn.Module):
     if p > 1:
       h = layers.depth_to_space(h, p)
     return h.astype(jnp.float32)
+
+
+class TextUNet(nn.Module):
+  """A text encoder and a U-Net with cross-attention, trained together: eps_theta(x_t, t, y).
+
+  The encoder turns the prompt's tokens into embeddings tau(y) [B, L, D]; the U-Net attends to
+  them (with the padding mask) in its cross-attention layers. Parameters: {"text_encoder": ...,
+  "unet": ...}.
+
+  Attributes:
+    config: the U-Net's hyper-parameters (with cross_attn_resolutions).
+    text: the encoder's hyper-parameters.
+  """
+
+  config: UNetConfig
+  text: TextEncoderConfig
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, t: jax.Array, train: bool = False, *, tokens: jax.Array, **kwargs
+  ) -> jax.Array:
+    """Predicts the model output for noisy images given prompts.
+
+    Args:
+      x, t, train: as for `UNet`.
+      tokens: [B, L] int32 token ids, PAD_ID (0) after the prompt; L <= text.max_length.
+      **kwargs: passed on to the U-Net (labels, for a model that has both).
+
+    Returns:
+      [B, H, W, out_channels] float32.
+    """
+    chex.assert_rank(tokens, 2)
+    mask = tokens != PAD_ID
+    context = TextEncoder(self.text, name="text_encoder")(tokens, mask, train=train)
+    return UNet(self.config, name="unet")(x, t, train, context=context, context_mask=mask, **kwargs)
