@@ -96,8 +96,10 @@ def main(argv):
 
       result, path = evaluate.evaluate(config, workdir)
       if jax.process_index() == 0:
+        # The standard error needs two images at least.
+        error = f" ± {result['bits_per_dim_stderr']:.4f}" if result["num_examples"] > 1 else ""
         print(
-          f"bits/dim {result['bits_per_dim']:.4f} ± {result['bits_per_dim_stderr']:.4f} "
+          f"bits/dim {result['bits_per_dim']:.4f}{error} "
           f"(step {result['step']}, {result['num_examples']} images of {result['split']}; "
           f"prior {result['prior']:.4f}, decoder {result['decoder']:.4f}, "
           f"KL terms {result['kl']:.4f}): {path}"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import text
 from diffusion_jax.models import CONDITIONING
@@ -31,6 +32,27 @@ def from_batch(kind: str, batch: dict) -> Condition:
   if kind == "text":
     return {"tokens": jnp.asarray(batch["tokens"], jnp.int32)}
   return {}
+
+
+def class_labels(prompts: list[str], class_names: list[str]) -> np.ndarray:
+  """The label each prompt names: a class name ("cat") or its caption ("a cat"), any case; ""
+  is the null label len(class_names).
+
+  Raises:
+    ValueError: a prompt names no class.
+  """
+  names = {n.lower(): i for i, n in enumerate(class_names)}
+  names.update({text.class_caption(n).lower(): i for n, i in list(names.items())})
+  labels = []
+  for prompt in prompts:
+    key = " ".join(prompt.lower().split())
+    if key and key not in names:
+      raise ValueError(
+        f"{prompt!r} names no class of this class-conditional model; use one of: "
+        f'{", ".join(class_names)} (or "" for an unconditional sample)'
+      )
+    labels.append(names.get(key, len(class_names)))
+  return np.asarray(labels, np.int32)
 
 
 def null_like(cond: Condition, num_classes: int = 0) -> Condition:

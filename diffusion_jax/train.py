@@ -392,18 +392,10 @@ class Run:
     if self.cond_kind == "text":
       return {"tokens": self.tokenizer.encode(prompts)}
     if self.cond_kind == "class":
-      names = {n.lower(): i for i, n in enumerate(self.class_names)}
-      names.update({text.class_caption(n).lower(): i for n, i in list(names.items())})
-      labels = []
-      for prompt in prompts:
-        key = " ".join(prompt.lower().split())
-        if key and key not in names:
-          raise ConfigError(
-            f"sample.prompt={prompt!r} names no class of this class-conditional model; use one "
-            f'of: {", ".join(self.class_names)} (or "" for an unconditional sample)'
-          )
-        labels.append(names.get(key, self.num_classes))
-      return {"labels": np.asarray(labels, np.int32)}
+      try:
+        return {"labels": conditioning.class_labels(prompts, self.class_names)}
+      except ValueError as e:
+        raise ConfigError(f"sample.prompt: {e}") from e
     if any(prompts):
       raise ConfigError("sample.prompt: this model is unconditional; it takes no prompt")
     return {}
