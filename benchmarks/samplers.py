@@ -31,7 +31,6 @@ import importlib
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 
@@ -41,6 +40,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import timing  # noqa: E402
 from diffusion_jax import analytic, rng, samplers, sampling, schedules, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -249,26 +249,6 @@ def ratio_section(data_names: list[str]) -> str:
   )
 
 
-def _num(x: float) -> str:
-  digits = max(0, 2 - math.floor(math.log10(abs(x)))) if x else 0
-  return f"{x:.{digits}f}"
-
-
-def _range(values: list[float]) -> str:
-  return f"{_num(statistics.median(values))} ({_num(min(values))}–{_num(max(values))})"
-
-
-def _timed(call, warmup: int, repeats: int) -> list[float]:
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def timing_section() -> str:
   config = importlib.import_module("configs.cifar10").get_config()
   batch = FLAGS.timing_batch
@@ -286,9 +266,14 @@ def timing_section() -> str:
   start = time.perf_counter()
   compiled = apply_fn.lower(params, x_t, t).compile()
   compile_s = time.perf_counter() - start
-  times = _timed(lambda: jax.block_until_ready(compiled(params, x_t, t)), 2, FLAGS.repeats)
+  times = timing.timed(lambda: jax.block_until_ready(compiled(params, x_t, t)), 2, FLAGS.repeats)
   rows.append(
-    ["network call alone", "1", f"{compile_s:.1f}", _range([1e3 * s / batch for s in times])]
+    [
+      "network call alone",
+      "1",
+      f"{compile_s:.1f}",
+      timing.median_range([1e3 * s / batch for s in times]),
+    ]
   )
 
   for sampler in samplers.SAMPLERS:
@@ -311,9 +296,14 @@ def timing_section() -> str:
     compiled = sample_fn.lower(params, key, np.int32(0)).compile()
     compile_s = time.perf_counter() - start
     call = lambda compiled=compiled: jax.block_until_ready(compiled(params, key, np.int32(0)))
-    times = _timed(call, FLAGS.warmup, FLAGS.repeats)
+    times = timing.timed(call, FLAGS.warmup, FLAGS.repeats)
     rows.append(
-      [sampler, str(nfe), f"{compile_s:.1f}", _range([1e3 * s / (batch * nfe) for s in times])]
+      [
+        sampler,
+        str(nfe),
+        f"{compile_s:.1f}",
+        timing.median_range([1e3 * s / (batch * nfe) for s in times]),
+      ]
     )
 
   device = jax.devices()[0]

@@ -15,12 +15,10 @@ default matmul precision, the one the model's convolutions and dense layers use.
 """
 
 import importlib
-import math
 import os
 import shlex
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import timing  # noqa: E402
 from diffusion_jax import parallel, rng, train  # noqa: E402
 
 _CONFIGS = ("cifar10", "shapes")
@@ -42,32 +41,6 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling, before the tim
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N float32 matmul giving the peak.")
 
 
-def _compile(jitted, *args):
-  """(compiled, seconds to lower and compile) for `jitted` at the shapes of `args`."""
-  start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _timed(call, warmup: int, repeats: int) -> list[float]:
-  """Seconds of each of `repeats` calls of `call` (which blocks) after `warmup` untimed ones."""
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):  # Older jax: one dict per HLO module.
-    cost = cost[0] if cost else None
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
 def _row(name, batch, compile_s, times, flops) -> dict:
   return dict(name=name, batch=batch, compile_s=compile_s, times=times, flops=flops)
 
@@ -75,8 +48,8 @@ def _row(name, batch, compile_s, times, flops) -> dict:
 def matmul_peak(n: int, warmup: int, repeats: int) -> dict:
   """The float32 [n, n] @ [n, n] matmul: 2 n^3 FLOPs per call."""
   a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
-  compiled, compile_s = _compile(jax.jit(jnp.matmul), a, b)
-  times = _timed(lambda: jax.block_until_ready(compiled(a, b)), warmup, repeats)
+  compiled, compile_s = timing.compile_timed(jax.jit(jnp.matmul), a, b)
+  times = timing.timed(lambda: jax.block_until_ready(compiled(a, b)), warmup, repeats)
   return _row(f"float32 matmul {n}x{n}", None, compile_s, times, 2.0 * n**3)
 
 
@@ -89,15 +62,15 @@ def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
   )
   batch = parallel.put_batch({"image": images}, run.mesh)
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
-  compiled, compile_s = _compile(step_fn, state, batch, train_key)
+  compiled, compile_s = timing.compile_timed(step_fn, state, batch, train_key)
 
   def step():
     nonlocal state
     state, metrics = compiled(state, batch, train_key)
     jax.block_until_ready((state, metrics))
 
-  times = _timed(step, warmup, repeats)
-  return _row("train step", batch_size, compile_s, times, _flops(compiled)), state
+  times = timing.timed(step, warmup, repeats)
+  return _row("train step", batch_size, compile_s, times, timing.flops(compiled)), state
 
 
 def bench_sample_call(run, params, batch_size: int, warmup: int, repeats: int) -> dict:
@@ -115,21 +88,10 @@ def bench_sample_call(run, params, batch_size: int, warmup: int, repeats: int) -
     },
     run.mesh,
   )
-  compiled, compile_s = _compile(apply_fn, params, inputs["x_t"], inputs["t"])
+  compiled, compile_s = timing.compile_timed(apply_fn, params, inputs["x_t"], inputs["t"])
   call = lambda: jax.block_until_ready(compiled(params, inputs["x_t"], inputs["t"]))
-  times = _timed(call, warmup, repeats)
-  return _row("sampling network call", batch_size, compile_s, times, _flops(compiled))
-
-
-def _num(x: float) -> str:
-  """`x` with at least 3 significant digits and no exponent: 0.682, 23.3, 12215."""
-  digits = max(0, 2 - math.floor(math.log10(abs(x)))) if x else 0
-  return f"{x:.{digits}f}"
-
-
-def _range(values: list[float]) -> str:
-  """The median (min–max) of `values`."""
-  return f"{_num(statistics.median(values))} ({_num(min(values))}–{_num(max(values))})"
+  times = timing.timed(call, warmup, repeats)
+  return _row("sampling network call", batch_size, compile_s, times, timing.flops(compiled))
 
 
 def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
@@ -143,8 +105,8 @@ def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
     achieved = flops / statistics.median(times)
     lines.append(
       f"| {row['name']} | {batch or '–'} | {row['compile_s']:.1f} "
-      f"| {_range([1e3 * t for t in times])} "
-      f"| {_range([batch / t for t in times]) if batch else '–'} "
+      f"| {timing.median_range([1e3 * t for t in times])} "
+      f"| {timing.median_range([batch / t for t in times]) if batch else '–'} "
       f"| {flops / 1e9:.1f} | {achieved / 1e9:.0f} | {100 * achieved / peak_flops_per_s:.1f} |"
     )
   return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmark scripts: compile time, repeated calls, table cells."""
+
+import math
+import statistics
+import time
+
+
+def compile_timed(jitted, *args):
+  """(compiled, seconds to lower and compile) for `jitted` at the shapes of `args`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def timed(call, warmup: int, repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls of `call` (which blocks) after `warmup` untimed ones."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def flops(compiled) -> float:
+  """FLOPs of a compiled XLA program from its cost analysis (nan where there is none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # Older jax: one dict per HLO module.
+    cost = cost[0] if cost else None
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def num(x: float) -> str:
+  """`x` with at least 3 significant digits and no exponent: 0.682, 23.3, 12215."""
+  digits = max(0, 2 - math.floor(math.log10(abs(x)))) if x else 0
+  return f"{x:.{digits}f}"
+
+
+def median_range(values: list[float]) -> str:
+  """The median (min–max) of `values`."""
+  return f"{num(statistics.median(values))} ({num(min(values))}–{num(max(values))})"
