@@ -1,0 +1,152 @@
+"""The CIFAR-10 train step and sampling call side by side with Hugging Face diffusers (PyTorch).
+
+Set-up, once (the peer stays out of the project's requirements):
+  python3 -m venv .venv-peer
+  .venv-peer/bin/pip install -r requirements.txt torch==2.13.0 diffusers
+Run from the repository root:
+  .venv-peer/bin/python benchmarks/peer_diffusers.py
+  .venv-peer/bin/python benchmarks/peer_diffusers.py --train_batch=32 --sample_batch=64 --rounds=5
+
+Both sides build the DDPM CIFAR-10 network: ours from configs/cifar10.py, the peer as diffusers'
+`UNet2DModel` with block_out_channels (128, 256, 256, 256), 2 layers per block, one attention
+head at 16x16 and dropout 0.1 (--dropout). The train step is the same work on both: ε-prediction MSE at
+uniform t of the linear T = 1000 schedule, global-norm clipping at 1, Adam at 2e-4 and an EMA
+update, on a batch of random uint8 images, float32. The sampling call is one network evaluation
+without gradients. After warm-up, the two sides alternate in --rounds rounds of --steps calls
+each, so that machine noise hits both alike; the table gives images/s as the median (min–max)
+over rounds and our/peer ratios of the medians.
+"""
+
+import os
+import shlex
+import statistics
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import timing  # noqa: E402
+from configs import cifar10  # noqa: E402
+from diffusion_jax import parallel, rng, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("train_batch", 32, "Batch of the train step.")
+flags.DEFINE_integer("sample_batch", 64, "Batch of the sampling network call.")
+flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; the median over rounds is reported.")
+flags.DEFINE_integer("steps", 2, "Calls per side and round.")
+flags.DEFINE_float("dropout", 0.1, "Dropout rate of both networks (the DDPM setting is 0.1).")
+
+
+def ours(train_batch: int, sample_batch: int):
+  """(train step call, sampling call, parameter count) of this project's CIFAR-10 network."""
+  config = cifar10.get_config()
+  config.train.batch_size = train_batch
+  config.model.dropout = FLAGS.dropout
+  run = train.make_run(config)
+  state = jax.jit(run.init_state)(rng.stream_key(0, rng.INIT))
+  step_fn = train.compile_train_step(run)
+  images = np.random.default_rng(0).integers(0, 256, (train_batch, 32, 32, 3), dtype=np.uint8)
+  batch = parallel.put_batch({"image": images}, run.mesh)
+  key = rng.stream_key(0, rng.TRAIN)
+  holder = {"state": state}
+
+  def train_call():
+    holder["state"], metrics = step_fn(holder["state"], batch, key)
+    jax.block_until_ready(metrics)
+
+  apply_fn = jax.jit(lambda p, x, t: run.model.apply({"params": p}, x, t, train=False))
+  x = np.random.default_rng(1).standard_normal((sample_batch, 32, 32, 3), dtype=np.float32)
+  t = np.random.default_rng(2).integers(0, 1000, sample_batch).astype(np.int32)
+  sample_call = lambda: jax.block_until_ready(apply_fn(holder["state"].ema_params, x, t))
+  count = sum(p.size for p in jax.tree.leaves(state.params))
+  return train_call, sample_call, count
+
+
+def peer(train_batch: int, sample_batch: int):
+  """(train step call, sampling call, parameter count) of diffusers' UNet2DModel."""
+  import torch
+  from diffusers import UNet2DModel
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  model = UNet2DModel(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=256,
+    dropout=FLAGS.dropout,
+  )
+  ema = [p.detach().clone() for p in model.parameters()]
+  optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+  betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+  alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+  images = torch.randint(0, 256, (train_batch, 3, 32, 32), dtype=torch.uint8)
+
+  def train_call():
+    model.train()
+    x0 = images.float() / 127.5 - 1
+    t = torch.randint(0, 1000, (train_batch,))
+    noise = torch.randn_like(x0)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    loss = torch.nn.functional.mse_loss(model(x_t, t).sample, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)
+
+  x = torch.randn(sample_batch, 3, 32, 32)
+  t = torch.randint(0, 1000, (sample_batch,))
+
+  def sample_call():
+    model.eval()
+    with torch.no_grad():
+      model(x, t)
+
+  return train_call, sample_call, sum(p.numel() for p in model.parameters())
+
+
+def main(argv):
+  del argv
+  sides = {"ours": ours(FLAGS.train_batch, FLAGS.sample_batch)}
+  sides["diffusers"] = peer(FLAGS.train_batch, FLAGS.sample_batch)
+  batches = {"train step": FLAGS.train_batch, "sampling call": FLAGS.sample_batch}
+  rates = {(side, what): [] for side in sides for what in batches}
+  for train_call, sample_call, _ in sides.values():  # Compile and warm up.
+    train_call(), sample_call()
+  for _ in range(FLAGS.rounds):
+    for side, (train_call, sample_call, _) in sides.items():
+      for what, call in (("train step", train_call), ("sampling call", sample_call)):
+        times = timing.timed(call, 0, FLAGS.steps)
+        rates[side, what].append(batches[what] / statistics.median(times))
+  import torch
+
+  lines = [
+    f"{os.cpu_count()} CPUs, float32, dropout {FLAGS.dropout:g}; jax {jax.__version__}, torch {torch.__version__}; "
+    f"parameters: ours {sides['ours'][2]:,}, diffusers {sides['diffusers'][2]:,}. Images/s, "
+    f"median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.steps} calls.",
+    "",
+    "| measurement | batch | ours | diffusers (PyTorch) | ours / diffusers |",
+    "|---|--:|--:|--:|--:|",
+  ]
+  for what, batch in batches.items():
+    a, b = rates["ours", what], rates["diffusers", what]
+    ratio = statistics.median(a) / statistics.median(b)
+    lines.append(
+      f"| {what} | {batch} | {timing.median_range(a)} | {timing.median_range(b)} | {ratio:.2f} |"
+    )
+  lines += ["", "Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`"]
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
