@@ -301,7 +301,8 @@ def test_ema_is_the_warmed_up_incremental_update(step_setup, start):
 
 def test_loss_uses_the_documented_per_example_keys(step_setup):
   """loss = mean_j simple_loss(x0_j, loss_key_j) with the model's dropout from dropout_key_j,
-  (loss_key_j, dropout_key_j) = split(fold_in(fold_in(train_key, step), j))."""
+  (loss_key_j, dropout_key_j) = split(fold_in(fold_in(train_key, step), j)): the network on the
+  whole batch gives each example the loss it has alone."""
   s = step_setup
   model, schedule = s.run.model, s.run.schedule
   batch_size = s.batch["image"].shape[0]
@@ -314,7 +315,7 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
 
       def denoise_fn(x_t, t, j=j):
         return model.apply(
-          {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_keys[j]}
+          {"params": params}, x_t, t, train=True, dropout_keys=dropout_keys[j][None]
         )
 
       losses.append(diffusion.simple_loss(schedule, denoise_fn, x0[j : j + 1], loss_keys[j])[0])
@@ -416,7 +417,7 @@ def test_train_step_loss_follows_the_configured_prediction(step_setup):
     for j in range(x0.shape[0]):
       loss_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, j))
       denoise_fn = lambda x_t, t, k=dropout_key: s.run.model.apply(
-        {"params": state.params}, x_t, t, train=True, rngs={"dropout": k}
+        {"params": state.params}, x_t, t, train=True, dropout_keys=k[None]
       )
       losses.append(
         diffusion.simple_loss(

@@ -9,6 +9,7 @@ Layers take activations `[B, H, W, C]` in the compute dtype `dtype`; parameters 
 """
 
 import math
+import zlib
 
 import flax.linen as nn
 import jax
@@ -137,6 +138,25 @@ def dense(features: int, dtype, name: str, *, zero: bool = False) -> nn.Dense:
   )
 
 
+def per_example_dropout(h: jax.Array, keys: jax.Array, rate: float, name: str) -> jax.Array:
+  """Inverted dropout with example j's mask drawn from fold_in(keys[j], crc32(name)).
+
+  Args:
+    h: [B, ...] activations.
+    keys: [B] keys.
+    rate: dropout rate in (0, 1).
+    name: the layer's name (its module path), which separates the masks of different layers.
+
+  Returns:
+    h with each entry zeroed with probability `rate` and the rest divided by 1 - rate.
+  """
+  stream = zlib.crc32(name.encode()) & 0x7FFFFFFF
+  keep = jax.vmap(
+    lambda k: jax.random.bernoulli(jax.random.fold_in(k, stream), 1.0 - rate, h.shape[1:])
+  )(keys)
+  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
+
+
 class ResBlock(nn.Module):
   """Residual block with a timestep-embedding bias.
 
@@ -157,13 +177,18 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, temb: jax.Array, *, train: bool, dropout_keys: jax.Array | None = None
+  ) -> jax.Array:
     """Applies the block.
 
     Args:
       x: [B, H, W, C_in] activations.
       temb: [B, D] timestep embedding (the output of the U-Net's embedding MLP, before swish).
-      train: enables dropout; then the "dropout" rng stream is required.
+      train: enables dropout; then `dropout_keys` or the "dropout" rng stream is required.
+      dropout_keys: [B] keys, one per example: example j's mask is drawn from dropout_keys[j]
+        and this block's name alone, so it does not depend on the other examples of the batch.
+        None: flax's "dropout" rng stream draws one mask for the whole batch.
 
     Returns:
       [B, H, W, out_channels] activations in `dtype`.
@@ -174,7 +199,10 @@ class ResBlock(nn.Module):
     # The embedding MLP ends in a linear layer; each block applies the swish itself.
     h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
-    h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+    if train and self.dropout > 0 and dropout_keys is not None:
+      h = per_example_dropout(h, dropout_keys, self.dropout, "/".join(self.scope.path))
+    else:
+      h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     h = conv3x3(out_channels, self.dtype, "conv2", zero=True)(h)
     if x.shape[-1] != out_channels:
       x = dense(out_channels, self.dtype, "nin_shortcut")(x)

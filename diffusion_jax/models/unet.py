@@ -209,6 +209,7 @@ class UNet(nn.Module):
     labels: jax.Array | None = None,
     context: jax.Array | None = None,
     context_mask: jax.Array | None = None,
+    dropout_keys: jax.Array | None = None,
   ) -> jax.Array:
     """Predicts the model output for noisy images.
 
@@ -222,6 +223,9 @@ class UNet(nn.Module):
         "no label").
       context: [B, L, D] float context embeddings; required with cross_attn_resolutions.
       context_mask: [B, L] bool, True for valid context tokens (default: all valid).
+      dropout_keys: [B] keys for train=True: example j's dropout masks come from dropout_keys[j]
+        only (the same as applying the network to that example alone). None: the "dropout"
+        rng stream gives masks for the whole batch.
 
     Returns:
       [B, H, W, out_channels] float32 output (eps for the eps-parameterization); exactly zero at
@@ -264,7 +268,7 @@ class UNet(nn.Module):
 
     def res_block(h, out_channels, name):
       block = layers.ResBlock(out_channels, cfg.dropout, cfg.num_groups, dtype, name=name)
-      return block(h, temb, train=train)
+      return block(h, temb, train=train, dropout_keys=dropout_keys)
 
     def attn_block(h, name):
       return layers.AttnBlock(cfg.num_heads, cfg.num_groups, dtype, name=name)(h)
