@@ -9,12 +9,12 @@ Run from the repository root:
 
 Both sides build the DDPM CIFAR-10 network: ours from configs/cifar10.py, the peer as diffusers'
 `UNet2DModel` with block_out_channels (128, 256, 256, 256), 2 layers per block, one attention
-head at 16x16 and dropout 0.1 (--dropout). The train step is the same work on both: ε-prediction MSE at
-uniform t of the linear T = 1000 schedule, global-norm clipping at 1, Adam at 2e-4 and an EMA
-update, on a batch of random uint8 images, float32. The sampling call is one network evaluation
-without gradients. After warm-up, the two sides alternate in --rounds rounds of --steps calls
-each, so that machine noise hits both alike; the table gives images/s as the median (min–max)
-over rounds and our/peer ratios of the medians.
+head at 16x16 and dropout 0.1 (--dropout). The train step is the same work on both:
+ε-prediction MSE at uniform t of the linear T = 1000 schedule, global-norm clipping at 1, Adam at
+2e-4 and an EMA update, on a batch of random uint8 images, float32. The sampling call is one
+network evaluation without gradients. After warm-up, the two sides alternate in --rounds rounds of
+--steps calls each, so that machine noise hits both alike; the table gives images/s as the median
+(min–max) over rounds and our/peer ratios of the medians.
 """
 
 import os
@@ -131,7 +131,8 @@ def main(argv):
   import torch
 
   lines = [
-    f"{os.cpu_count()} CPUs, float32, dropout {FLAGS.dropout:g}; jax {jax.__version__}, torch {torch.__version__}; "
+    f"{os.cpu_count()} CPUs, float32, dropout {FLAGS.dropout:g}; jax {jax.__version__}, "
+    f"torch {torch.__version__}; "
     f"parameters: ours {sides['ours'][2]:,}, diffusers {sides['diffusers'][2]:,}. Images/s, "
     f"median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.steps} calls.",
     "",

@@ -209,6 +209,26 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v per head.
+
+  Args:
+    q: [B, Q, N, D] queries of N heads; k, v: [B, K, N, D].
+    mask: [B, K] bool, the keys each query may attend to (at least one per row), or None (all).
+    dtype: dtype of the weights and the output; the logits and the softmax are float32, so that a
+      bfloat16 compute dtype does not flatten the softmax.
+
+  Returns:
+    [B, Q, N, D].
+  """
+  logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * q.shape[-1] ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bnqk,bknd->bqnd", weights, v)
+
+
 class AttnBlock(nn.Module):
   """Multi-head self-attention over all spatial positions, with a residual connection.
 
@@ -244,11 +264,8 @@ class AttnBlock(nn.Module):
       y = dense(c, self.dtype, name)(h)
       return y.reshape(b, height * width, self.num_heads, head_dim)
 
-    q, k, v = project("q"), project("k"), project("v")
-    # Logits accumulate in float32 so that a bfloat16 compute dtype does not flatten the softmax.
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+    out = attention(project("q"), project("k"), project("v"), None, self.dtype)
+    out = out.reshape(b, height, width, c)
     return x + dense(c, self.dtype, "proj_out", zero=True)(out)
 
 
@@ -289,10 +306,7 @@ class CrossAttnBlock(nn.Module):
     context = context.astype(self.dtype)
     k = dense(c, self.dtype, "k")(context).reshape(b, -1, self.num_heads, head_dim)
     v = dense(c, self.dtype, "v")(context).reshape(b, -1, self.num_heads, head_dim)
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None, :], logits * head_dim**-0.5, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, height, width, c)
+    out = attention(q, k, v, mask, self.dtype).reshape(b, height, width, c)
     return x + dense(c, self.dtype, "proj_out", zero=True)(out)
 
 
