@@ -293,9 +293,9 @@ def timing_section() -> str:
       clip_x0=True,
     )
     start = time.perf_counter()
-    compiled = sample_fn.lower(params, key, np.int32(0)).compile()
+    compiled = sample_fn.lower(params, key, np.int32(0), {}).compile()
     compile_s = time.perf_counter() - start
-    call = lambda compiled=compiled: jax.block_until_ready(compiled(params, key, np.int32(0)))
+    call = lambda compiled=compiled: jax.block_until_ready(compiled(params, key, np.int32(0), {}))
     times = timing.timed(call, FLAGS.warmup, FLAGS.repeats)
     rows.append(
       [

@@ -29,7 +29,7 @@ def make_sample_fn(
   num_classes: int = 0,
   **sampler_options,
 ):
-  """Compiles one sampling call: (params, key, first_index, condition=None) -> images.
+  """Compiles one sampling call: (params, key, first_index, condition) -> images.
 
   Args:
     model: the noise-prediction network.
@@ -45,9 +45,10 @@ def make_sample_fn(
       variance, eta, skip, ...; see `samplers.sample`).
 
   Returns:
-    A function (params, key, first_index, condition=None) returning uint8 [batch_size, H, W, C]
-    in [0, 255] (float32 in about [-1, 1] if not `to_uint8`), sharded over the batch; a
-    conditional model needs `condition`, a dict of [batch_size, ...] arrays (labels or tokens).
+    A jitted function (params, key, first_index, condition) returning uint8 [batch_size, H, W,
+    C] in [0, 255] (float32 in about [-1, 1] if not `to_uint8`), sharded over the batch.
+    `condition` is {} for an unconditional model, else a dict of [batch_size, ...] arrays
+    (labels or tokens).
   """
   parallel.check_batch_size(batch_size, mesh, field="sample.batch_size")
 
@@ -70,13 +71,12 @@ def make_sample_fn(
     )
     return data.denormalize_images(x0) if to_uint8 else x0
 
-  compiled = jax.jit(
+  return jax.jit(
     sample_fn,
     # The condition comes from the host, the same on every process: replicated (it is small).
     in_shardings=(parallel.replicated(mesh), None, None, parallel.replicated(mesh)),
     out_shardings=parallel.batch_sharded(mesh),
   )
-  return lambda params, key, first_index, cond=None: compiled(params, key, first_index, cond or {})
 
 
 def generate(
@@ -99,7 +99,7 @@ def generate(
   num_batches = -(-num_samples // batch_size)
   for b in range(num_batches):
     start = time.time()
-    cond = None
+    cond = {}
     if condition:
       # The last batch is filled up with copies of the last condition; its extra images are
       # dropped below.

@@ -481,6 +481,12 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
         f"{source.num_classes}"
       )
     if cond_kind == "text":
+      if config.data.random_flip and hasattr(source, "caption"):
+        logging.warning(
+          "data.random_flip=True with captions that name positions: a flipped image keeps the "
+          "caption of the unflipped one, so 'left' and 'right' are wrong for half of them; set "
+          "--config.data.random_flip=false"
+        )
       tokenizer = text.tokenizer_for(source, config.model.text.max_length)
       if len(tokenizer) > config.model.text.vocab_size:
         raise ConfigError(
