@@ -407,3 +407,40 @@ def test_image_folder_captions_come_from_class_names(tmp_path):
   captions = [caption(i, source[i]["label"], rng) for i in range(len(source))]
   assert sorted(captions) == ["a cat", "a sports car", "an airplane"]
   assert text.default_prompts(source) == ["an airplane", "a cat", "a sports car"]
+
+
+def test_eval_of_a_text_model_is_the_bound_of_its_unconditional_model(text_run):
+  from diffusion_jax import evaluate, likelihood, rng
+  from diffusion_jax.checkpoints import CheckpointStore
+
+  config, workdir = text_run
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval.num_examples, config.eval.batch_size = 3, 4
+  result, _ = evaluate.evaluate(config, str(workdir))
+  run = train.make_run(config)
+  store = CheckpointStore(str(workdir / "checkpoints"))
+  params = train.restore_or_init(run, store).ema_params
+  store.close()
+  source = evaluate._eval_source(config)
+  images = np.stack([source[i]["image"] for i in range(3)])
+  key = rng.stream_key(config.eval.seed, rng.EVAL)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(3, dtype=jnp.uint32))
+  empty = jnp.asarray(run.tokenizer.encode([""] * 3))
+
+  def bound(tokens):
+    out = likelihood.bits_per_dim(
+      run.schedule,
+      lambda x_t, t: run.model.apply({"params": params}, x_t, t, tokens=tokens),
+      data.normalize_images(images),
+      keys,
+      variance=config.diffusion.variance,
+      prediction=config.diffusion.prediction,
+      clip_x0=config.eval.clip_x0,
+    )
+    return float(np.mean(out["bits_per_dim"]))
+
+  assert result["bits_per_dim"] == pytest.approx(bound(empty), rel=1e-5)
+  # The figure depends on the prompt: a real caption gives another bound.
+  assert bound(jnp.asarray(run.tokenizer.encode(["a red circle"] * 3))) != pytest.approx(
+    result["bits_per_dim"], rel=1e-6
+  )
