@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
 from configs import cifar10  # noqa: E402
-from diffusion_jax import parallel, rng, train  # noqa: E402
+from diffusion_jax import models, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("train_batch", 32, "Batch of the train step.")
@@ -45,6 +45,9 @@ flags.DEFINE_enum(
   ["float32", "bfloat16"],
   "Compute dtype: ours model.dtype, the peer torch.autocast; parameters stay float32.",
 )
+flags.DEFINE_integer(
+  "microbatch", 0, "Our model.microbatch for the sampling call (0: the whole batch at once)."
+)
 
 
 def ours(train_batch: int, sample_batch: int):
@@ -53,6 +56,7 @@ def ours(train_batch: int, sample_batch: int):
   config.train.batch_size = train_batch
   config.model.dropout = FLAGS.dropout
   config.model.dtype = FLAGS.dtype
+  config.model.microbatch = FLAGS.microbatch
   run = train.make_run(config)
   state = jax.jit(run.init_state)(rng.stream_key(0, rng.INIT))
   step_fn = train.compile_train_step(run)
@@ -65,7 +69,10 @@ def ours(train_batch: int, sample_batch: int):
     holder["state"], metrics = step_fn(holder["state"], batch, key)
     jax.block_until_ready(metrics)
 
-  apply_fn = jax.jit(lambda p, x, t: run.model.apply({"params": p}, x, t, train=False))
+  apply = lambda p, x, t: run.model.apply({"params": p}, x, t, train=False)
+  apply_fn = jax.jit(
+    lambda p, x, t: models.in_chunks(lambda x, t: apply(p, x, t), FLAGS.microbatch)(x, t)
+  )
   x = np.random.default_rng(1).standard_normal((sample_batch, 32, 32, 3), dtype=np.float32)
   t = np.random.default_rng(2).integers(0, 1000, sample_batch).astype(np.int32)
   sample_call = lambda: jax.block_until_ready(apply_fn(holder["state"].ema_params, x, t))

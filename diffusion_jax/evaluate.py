@@ -20,7 +20,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoints, data, likelihood, parallel, rng, train
+from diffusion_jax import checkpoints, data, likelihood, models, parallel, rng, train
 from diffusion_jax.errors import ConfigError
 
 FIGURES = ("bits_per_dim", "prior", "decoder", "kl")
@@ -44,9 +44,11 @@ def make_eval_fn(run: train.Run, batch_size: int):
   def eval_fn(params, images, key_data):
     keys = jax.random.wrap_key_data(key_data)
 
-    def denoise_fn(x_t, t):
+    def apply_fn(x_t, t):
       cond = {k: jnp.broadcast_to(v, (x_t.shape[0], *v.shape[1:])) for k, v in null.items()}
       return run.model.apply({"params": params}, x_t, t, train=False, **cond)
+
+    denoise_fn = models.in_chunks(apply_fn, config.model.get("microbatch", 0), run.mesh.size)
 
     out = likelihood.bits_per_dim(
       run.schedule,

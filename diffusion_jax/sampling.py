@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import conditioning, data, images, parallel, samplers
+from diffusion_jax import conditioning, data, images, models, parallel, samplers
 from diffusion_jax.schedules import Schedule
 
 
@@ -27,6 +27,7 @@ def make_sample_fn(
   to_uint8: bool = True,
   guidance_scale: float = 1.0,
   num_classes: int = 0,
+  microbatch: int = 0,
   **sampler_options,
 ):
   """Compiles one sampling call: (params, key, first_index, condition) -> images.
@@ -41,6 +42,8 @@ def make_sample_fn(
     guidance_scale: classifier-free guidance weight w for a conditional model (1: the plain
       conditional model, 0: the unconditional one); see `conditioning.guided`.
     num_classes: the null label of a class-conditional model.
+    microbatch: examples per network call on each device (`models.in_chunks`; the config's
+      `model.microbatch`); 0 runs the whole batch at once.
     **sampler_options: sampler, num_steps and the sampler's options (prediction, clip_x0,
       variance, eta, skip, ...; see `samplers.sample`).
 
@@ -54,6 +57,7 @@ def make_sample_fn(
 
   def sample_fn(params, key, first_index, cond):
     apply_fn = lambda x_t, t, **c: model.apply({"params": params}, x_t, t, train=False, **c)
+    apply_fn = models.in_chunks(apply_fn, microbatch, mesh.size)
     denoise_fn = conditioning.guided(
       apply_fn,
       cond,

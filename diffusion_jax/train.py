@@ -157,6 +157,14 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
       f"valid: {', '.join(diffusion.PREDICTIONS)}"
     )
+  k = config.train.get("steps_per_call", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"train.steps_per_call={k!r} must be a positive integer (1: one step)")
+  if k > 1 and study_seeds(config) is not None:
+    raise ConfigError(
+      f"train.steps_per_call={k} cannot be combined with a seed study (seeds="
+      f"{config.seeds!r}); set train.steps_per_call=1"
+    )
 
 
 def study_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
@@ -410,12 +418,20 @@ class Run:
       prediction=self.config.diffusion.prediction,
       guidance_scale=float(sample.get("guidance_scale", 1.0)),
       num_classes=self.num_classes,
+      microbatch=self.config.model.get("microbatch", 0),
       **options,
     )
 
 
-def compile_train_step(run: Run, num_seeds: int | None = None):
+def compile_train_step(run: Run, num_seeds: int | None = None, steps_per_call: int = 1):
   """`train_step` jitted over the mesh: (state, batch, train_key) -> (state, metrics).
+
+  With `steps_per_call` = k > 1 the function is (state, batches, n, train_key) -> (state,
+  metrics): it runs n <= k steps in one dispatch (a loop on the device), on batches[:n] of a
+  leading axis of k batches, and returns the metrics of the last. Its result does not depend on
+  how the steps are split into calls: n = 1 k times is bitwise n = k once (one executable runs
+  every step). Against the plain step (k = 1), which XLA compiles as a program of its own, it
+  agrees up to float rounding.
 
   The state is donated and replicated, the batch sharded over the "data" axis, the metrics
   replicated. With `num_seeds` = K, the step is vmapped over a leading seed axis of the state,
@@ -442,16 +458,42 @@ def compile_train_step(run: Run, num_seeds: int | None = None):
   )
   if num_seeds:
     step = jax.vmap(step) if seed_batching(run.config) == "vmap" else _unrolled(step, num_seeds)
+  batch_sharding = parallel.batch_sharded(run.mesh, axis=1 if num_seeds else 0)
+  in_shardings = (parallel.replicated(run.mesh), batch_sharding, None)
+  if steps_per_call > 1:
+    step = _looped(step)
+    batch_sharding = parallel.batch_sharded(run.mesh, axis=2 if num_seeds else 1)
+    in_shardings = (parallel.replicated(run.mesh), batch_sharding, None, None)
   return jax.jit(
     step,
     donate_argnums=(0,),
-    in_shardings=(
-      parallel.replicated(run.mesh),
-      parallel.batch_sharded(run.mesh, axis=1 if num_seeds else 0),
-      None,
-    ),
+    in_shardings=in_shardings,
     out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
   )
+
+
+def _looped(step):
+  """(state, [k] batches, n, key) -> `step` applied to batches[0], ..., batches[n - 1]."""
+
+  def looped(state, batches, num_steps, train_key):
+    def body(i, carry):
+      batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
+      return step(carry[0], batch, train_key)
+
+    first = jax.tree.map(lambda x: x[0], batches)
+    metrics = jax.tree.map(
+      lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(step, state, first, train_key)[1]
+    )
+    return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+
+  return looped
+
+
+def steps_to_event(step: int, train_config: ml_collections.ConfigDict) -> int:
+  """Steps from `step` to the next one that logs, saves, samples or ends (>= 1)."""
+  periods = [train_config.log_every, train_config.checkpoint_every, train_config.sample_every]
+  gaps = [p - step % p for p in periods if p > 0]
+  return max(1, min([*gaps, train_config.num_steps - step]))
 
 
 def _unrolled(step, num_seeds: int):
@@ -470,6 +512,13 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
   check_config(config, mesh)
   image_size = config.data.image_size
   cond_kind = condition_kind(config.model)
+  if config.train.get("steps_per_call", 1) > 1 and jax.default_backend() == "cpu":
+    logging.warning(
+      "train.steps_per_call=%d on a CPU: XLA:CPU runs the convolution gradients inside the "
+      "step loop on a slow path (about 15x slower steps, benchmarks/RESULTS.md); it pays off "
+      "on GPUs and TPUs only. Set --config.train.steps_per_call=1 here.",
+      config.train.steps_per_call,
+    )
   tokenizer, class_names = None, ()
   if cond_kind != "none":
     source = data.make_source(config.data)
@@ -617,7 +666,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step,
   )
 
-  step_fn = compile_train_step(run, num_seeds)
+  steps_per_call = train_config.get("steps_per_call", 1)
+  step_fn = compile_train_step(run, num_seeds, steps_per_call)
   train_keys = [rng.stream_key(m.seed, rng.TRAIN) for m in members]
   train_key = jnp.stack(train_keys) if num_seeds else train_keys[0]
   sample_fn = None
@@ -656,19 +706,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cleanup.callback(writer.close)
       cleanup.callback(store.close)
     cleanup.callback(progress.close)
-    for step in range(start_step + 1, train_config.num_steps + 1):
-      batches = [next(it) for it in iterators]
-      batch = {f: np.stack([b[f] for b in batches]) if num_seeds else batches[0][f] for f in fields}
-      batch = parallel.put_batch(batch, run.mesh, axis=1 if num_seeds else 0)
-      state, metrics = step_fn(state, batch, train_key)
-      # Wait for the previous step (not this one) so the progress bar shows the real rate while
-      # the device still has the next step queued.
+    while step < train_config.num_steps:
+      # Up to k steps in one call, ending at the next step that logs, saves or samples.
+      n = min(steps_per_call, steps_to_event(step, train_config))
+      if steps_per_call > 1:
+        # k batches on a leading axis; the call runs the first n (the rest repeat the first).
+        rows = [next(iterators[0]) for _ in range(n)]
+        rows += rows[:1] * (steps_per_call - n)
+        batch = {f: np.stack([row[f] for row in rows]) for f in fields}
+        batch = parallel.put_batch(batch, run.mesh, axis=1)
+        state, metrics = step_fn(state, batch, n, train_key)
+      else:
+        batches = [next(it) for it in iterators]
+        batch = {
+          f: np.stack([b[f] for b in batches]) if num_seeds else batches[0][f] for f in fields
+        }
+        batch = parallel.put_batch(batch, run.mesh, axis=1 if num_seeds else 0)
+        state, metrics = step_fn(state, batch, train_key)
+      step += n
+      # Wait for the previous call (not this one) so the progress bar shows the real rate while
+      # the device still has the next call queued.
       if previous_loss is not None:
         previous_loss.block_until_ready()
       previous_loss = metrics["loss"]
-      progress.update(1)
+      progress.update(n)
       is_last = step == train_config.num_steps
-      log_now = step % train_config.log_every == 0 or is_last or step == start_step + 1
+      log_now = step % train_config.log_every == 0 or is_last or step == start_step + n
       save_now = step % train_config.checkpoint_every == 0 or is_last
       sample_now = train_config.sample_every > 0 and step % train_config.sample_every == 0
       # Several processes agree on stopping only at steps where the host waits anyway.

