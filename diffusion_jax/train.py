@@ -157,6 +157,12 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
       f"valid: {', '.join(diffusion.PREDICTIONS)}"
     )
+  chunk = config.model.get("microbatch", 0)
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise ConfigError(
+      f"model.microbatch={chunk!r} must be an integer >= 0 (examples per network call on each "
+      "device; 0: the whole batch)"
+    )
   k = config.train.get("steps_per_call", 1)
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ConfigError(f"train.steps_per_call={k!r} must be a positive integer (1: one step)")

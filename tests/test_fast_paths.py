@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from run_files import load_state, read_metrics
+from test_models import TINY
 
 from diffusion_jax import models, parallel, rng, train
 from diffusion_jax.errors import ConfigError
@@ -138,6 +139,7 @@ def test_loop_with_steps_per_call_logs_saves_and_resumes_exactly(multi_runs):
     ({"train.steps_per_call": 0}, "train.steps_per_call=0"),
     ({"train.steps_per_call": 2, "seeds": "0,1"}, "seed study"),
     ({"model.attention": "flash"}, "model.attention='flash'"),
+    ({"model.microbatch": -4}, "model.microbatch=-4"),
   ],
 )
 def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, message):
@@ -149,15 +151,7 @@ def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, messag
 # ---------------------------------------------------------------- the network
 
 # Two levels (one Upsample), attention at 4x4 with two heads, dropout.
-NET = unet.UNetConfig(
-  channels=16,
-  channel_mult=(1, 2),
-  num_res_blocks=1,
-  attn_resolutions=(4,),
-  num_heads=2,
-  dropout=0.1,
-  num_groups=4,
-)
+NET = unet.unet_config_from(TINY)
 
 
 def _net_inputs():
