@@ -6,6 +6,8 @@ Set-up, once (the peer stays out of the project's requirements):
 Run from the repository root:
   .venv-peer/bin/python benchmarks/peer_diffusers.py
   .venv-peer/bin/python benchmarks/peer_diffusers.py --train_batch=32 --sample_batch=64 --rounds=5
+  python benchmarks/peer_diffusers.py --torch_device=cuda --dtype=bfloat16 --train_batch=128 \
+    --sample_batch=256 --steps=10 --rounds=5                                   # on a GPU
 
 Both sides build the DDPM CIFAR-10 network: ours from configs/cifar10.py, the peer as diffusers'
 `UNet2DModel` with block_out_channels (128, 256, 256, 256), 2 layers per block, one attention
@@ -15,7 +17,9 @@ head at 16x16 and dropout 0.1 (--dropout). The train step is the same work on bo
 compute, float32 parameters and loss). The sampling call is one network evaluation without
 gradients. After warm-up, the two sides alternate in --rounds rounds of --steps calls each, so
 that machine noise hits both alike; the table gives images/s as the median (min–max) over rounds
-and our/peer ratios of the medians.
+and our/peer ratios of the medians. On a GPU (--torch_device=cuda, JAX on its default GPU) each
+call waits for the device; PyTorch gets cuDNN's autotuner and, like JAX's default precision,
+TF32 for float32 matmuls and convolutions.
 """
 
 import os
@@ -45,6 +49,7 @@ flags.DEFINE_enum(
   ["float32", "bfloat16"],
   "Compute dtype: ours model.dtype, the peer torch.autocast; parameters stay float32.",
 )
+flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the peer runs.")
 flags.DEFINE_integer(
   "microbatch", 0, "Our model.microbatch for the sampling call (0: the whole batch at once)."
 )
@@ -75,6 +80,7 @@ def ours(train_batch: int, sample_batch: int):
   )
   x = np.random.default_rng(1).standard_normal((sample_batch, 32, 32, 3), dtype=np.float32)
   t = np.random.default_rng(2).integers(0, 1000, sample_batch).astype(np.int32)
+  x, t = jax.device_put((x, t))
   sample_call = lambda: jax.block_until_ready(apply_fn(holder["state"].ema_params, x, t))
   count = sum(p.size for p in jax.tree.leaves(state.params))
   return train_call, sample_call, count
@@ -85,7 +91,14 @@ def peer(train_batch: int, sample_batch: int):
   import torch
   from diffusers import UNet2DModel
 
-  torch.set_num_threads(os.cpu_count())
+  device = torch.device(FLAGS.torch_device)
+  if device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    sync = torch.cuda.synchronize
+  else:
+    torch.set_num_threads(os.cpu_count())
+    sync = lambda: None
   torch.manual_seed(0)
   model = UNet2DModel(
     sample_size=32,
@@ -97,19 +110,19 @@ def peer(train_batch: int, sample_batch: int):
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=256,
     dropout=FLAGS.dropout,
-  )
+  ).to(device)
   ema = [p.detach().clone() for p in model.parameters()]
   bf16 = FLAGS.dtype == "bfloat16"
-  autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
   optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
   betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-  alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-  images = torch.randint(0, 256, (train_batch, 3, 32, 32), dtype=torch.uint8)
+  alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(device)
+  images = torch.randint(0, 256, (train_batch, 3, 32, 32), dtype=torch.uint8).to(device)
 
   def train_call():
     model.train()
     x0 = images.float() / 127.5 - 1
-    t = torch.randint(0, 1000, (train_batch,))
+    t = torch.randint(0, 1000, (train_batch,), device=device)
     noise = torch.randn_like(x0)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -122,14 +135,16 @@ def peer(train_batch: int, sample_batch: int):
     optimizer.step()
     with torch.no_grad():
       torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)
+    sync()
 
-  x = torch.randn(sample_batch, 3, 32, 32)
-  t = torch.randint(0, 1000, (sample_batch,))
+  x = torch.randn(sample_batch, 3, 32, 32, device=device)
+  t = torch.randint(0, 1000, (sample_batch,), device=device)
 
   def sample_call():
     model.eval()
     with torch.no_grad(), autocast():
       model(x, t)
+    sync()
 
   return train_call, sample_call, sum(p.numel() for p in model.parameters())
 
@@ -149,8 +164,11 @@ def main(argv):
         rates[side, what].append(batches[what] / statistics.median(times))
   import torch
 
+  where = f"{os.cpu_count()} CPUs"
+  if FLAGS.torch_device == "cuda":
+    where = f"ours on {jax.devices()[0].device_kind}, diffusers on {torch.cuda.get_device_name()}"
   lines = [
-    f"{os.cpu_count()} CPUs, {FLAGS.dtype}, dropout {FLAGS.dropout:g}; jax {jax.__version__}, "
+    f"{where}, {FLAGS.dtype}, dropout {FLAGS.dropout:g}; jax {jax.__version__}, "
     f"torch {torch.__version__}; "
     f"parameters: ours {sides['ours'][2]:,}, diffusers {sides['diffusers'][2]:,}. Images/s, "
     f"median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.steps} calls.",

@@ -9,9 +9,11 @@ Compiles the program as the trainer does, runs it once to warm up, then once und
 `jax.profiler.trace`, reads the trace back (`jax.profiler.ProfileData`) and sums the duration
 of every XLA operation by kind: convolution forward, input gradient and weight gradient (from
 the operation's shape and its JAX source in the HLO metadata), matrix products, layout copies and
-the remaining fused elementwise/reduction work. On a CPU the operations run on a pool of threads
-and one operation may use several, so the times are thread time: their sum exceeds the step's
-wall time, and the shares are what to compare. Prints a Markdown table and the top operations.
+the remaining fused elementwise/reduction work; on a GPU, the kernels' time on the device, with
+cuDNN and cuBLAS calls told apart by their custom-call target. On a CPU the operations run on a
+pool of threads and one operation may use several, so the times are thread time: their sum
+exceeds the step's wall time, and the shares are what to compare. Prints a Markdown table and
+the top operations.
 """
 
 import collections
@@ -52,19 +54,40 @@ _CATEGORIES = (
 )
 
 
-def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """{operation name: (result shape, JAX source op_name)} from the compiled HLO text."""
+def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+  """{operation name: (result shape, JAX source op_name, custom-call target)} from HLO text."""
   operations = {}
-  pattern = r"^\s+%?([\w.\-]+) = (\w+\[[\d,]*\])\S* [\w\-]+\((.*)$"
-  for name, shape, rest in re.findall(pattern, hlo_text, re.M):
+  for name, rest in re.findall(r"^\s+%?([\w.\-]+) = (.*)$", hlo_text, re.M):
+    shape = re.match(r"\(?(\w+\[[\d,]*\])", rest)
     source = re.search(r'op_name="([^"]*)"', rest)
-    operations.setdefault(name, (shape, source.group(1) if source else ""))
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    operations.setdefault(
+      name,
+      (
+        shape.group(1) if shape else "",
+        source.group(1) if source else "",
+        target.group(1) if target else "",
+      ),
+    )
   return operations
 
 
-def category(name: str, shape: str, source: str) -> str:
-  """The kind of an XLA operation, from its name, result shape and JAX source."""
-  if name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot")):
+# GPU library calls by custom-call target: cuDNN convolutions and cuBLAS matrix products.
+_TARGETS = {
+  "convBackwardFilter": _CATEGORIES[0],
+  "convBackwardInput": _CATEGORIES[1],
+  "convForward": _CATEGORIES[2],
+  "convBiasActivationForward": _CATEGORIES[2],
+  "cublas": _CATEGORIES[3],
+}
+
+
+def category(name: str, shape: str, source: str, target: str = "") -> str:
+  """The kind of an XLA operation, from its name, result shape, JAX source and call target."""
+  for key, kind in _TARGETS.items():
+    if key in target:
+      return kind
+  if name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot", "gemm_fusion")):
     if re.match(r"\w+\[(\d+,3,3,\d+|3,3,\d+,\d+)\]$", shape):
       return _CATEGORIES[0]  # a 3x3 kernel's shape (XLA names no source for these)
     if "conv_general_dilated" in source:
@@ -76,14 +99,17 @@ def category(name: str, shape: str, source: str) -> str:
 
 
 def trace_durations(trace_dir: str) -> collections.Counter:
-  """{operation name: summed duration in ns} over every thread of the trace."""
+  """{operation name: summed duration in ns} over the trace's GPU kernels, else CPU threads."""
   (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
+  planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  gpus = [plane for plane in planes if plane.name.startswith("/device:GPU")]
   durations = collections.Counter()
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
+  for plane in gpus or planes:
     for line in plane.lines:
       for event in line.events:
-        if "hlo_op" in dict(event.stats):
-          durations[event.name] += event.duration_ns
+        operation = dict(event.stats).get("hlo_op")
+        if operation:
+          durations[operation] += event.duration_ns
   return durations
 
 
@@ -135,25 +161,27 @@ def main(argv):
   by_category = collections.Counter()
   counts = collections.Counter()
   for name, ns in durations.items():
-    shape, source = operations.get(name, ("", ""))
-    kind = category(name, shape, source)
+    kind = category(name, *operations.get(name, ("", "", "")))
     by_category[kind] += ns
     counts[kind] += 1
   total = sum(by_category.values())
   what = "train step" if FLAGS.what == "train" else "sampling network call"
   device = jax.devices()[0]
   gflop = timing.flops(compiled) / 1e9
+  gpu = device.platform == "gpu"
+  where = "kernel time on the GPU" if gpu else "summed over threads"
+  gpu_note = ", without cuDNN's convolutions" if gpu else ""
   print(
     f"**{what}**, batch {FLAGS.batch}, on {device.device_kind} ({os.cpu_count()} CPUs), "
-    f"jax {jax.__version__}: {wall:.2f} s wall time under the profiler, {total / 1e9:.2f} s of "
-    f"operation time summed over threads; XLA counts {gflop:.0f} GFLOP "
-    f"({gflop / FLAGS.batch:.1f} per image).\n"
+    f"jax {jax.__version__}: {timing.num(1e3 * wall)} ms wall time under the profiler, "
+    f"{timing.num(total / 1e6)} ms of operation time ({where}); XLA's cost analysis counts "
+    f"{gflop:.0f} GFLOP ({gflop / FLAGS.batch:.1f} per image{gpu_note}).\n"
   )
-  print("| kind of operation | operations | thread time (s) | share |")
+  print("| kind of operation | operations | time (ms) | share |")
   print("|---|--:|--:|--:|")
   for kind in _CATEGORIES:
     ns = by_category[kind]
-    print(f"| {kind} | {counts[kind]} | {ns / 1e9:.2f} | {100 * ns / total:.1f}% |")
+    print(f"| {kind} | {counts[kind]} | {timing.num(ns / 1e6)} | {100 * ns / total:.1f}% |")
   kind = f" ({FLAGS.top_kind}...)" if FLAGS.top_kind else ""
   print(f"\nThe {FLAGS.top} longest operations{kind}:\n")
   print("| operation | result | JAX source | ms |")
@@ -161,12 +189,12 @@ def main(argv):
   listed = [
     (name, ns)
     for name, ns in durations.most_common()
-    if category(name, *operations.get(name, ("", ""))).startswith(FLAGS.top_kind)
+    if category(name, *operations.get(name, ("", "", ""))).startswith(FLAGS.top_kind)
   ]
   for name, ns in listed[: FLAGS.top]:
-    shape, source = operations.get(name, ("", ""))
+    shape, source, _ = operations.get(name, ("", "", ""))
     source = source.removeprefix("jit(").split(")/", 1)[-1]
-    print(f"| {name} | `{shape}` | {source} | {ns / 1e6:.0f} |")
+    print(f"| {name} | `{shape}` | {source} | {timing.num(ns / 1e6)} |")
   print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
 
 

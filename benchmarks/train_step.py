@@ -4,17 +4,24 @@ Run from the repository root:
   python benchmarks/train_step.py                    # the CIFAR-10 network, 35,746,307 parameters
   python benchmarks/train_step.py --config=shapes    # the small network
   python benchmarks/train_step.py --batch_sizes=32,128 --sample_batch=256 --repeats=20
+  python benchmarks/train_step.py --dtype=bfloat16 --batch_sizes=128 --sample_batch=256 \
+    --matmul_dtype=bfloat16 --matmul_size=8192 --repeats=20 --warmup=3   # on a GPU
 
 Prints a Markdown table for benchmarks/RESULTS.md and the command line to stdout; progress goes to
 stderr. The train step is `train.train_step` jitted as train.py jits it (state donated, batch
 sharded over the mesh), fed synthetic uint8 images; the sampling row is one U-Net apply with
 train=False, the unit every reverse step repeats. Times are the median (min-max) of --repeats
-calls after --warmup untimed ones. FLOPs are XLA's count for the compiled program
-(`cost_analysis`, per device), compared with a float32 matmul timed in the same process at JAX's
-default matmul precision, the one the model's convolutions and dense layers use.
+calls after --warmup untimed ones. The model FLOPs, those that model FLOP utilisation counts,
+are counted from the program's jaxpr (`jax.experimental.roofline`; the same network with plain
+attention and without remat, so that no FLOP hides in a library call or is counted twice); the
+compiled FLOPs are XLA's count for the compiled program (`cost_analysis`, per device; on a GPU
+it leaves out cuDNN's convolutions). The achieved rate is the model FLOPs over the median time,
+compared with a --matmul_dtype matmul timed in the same process at JAX's default matmul
+precision, the one the model's convolutions and dense layers use.
 """
 
 import importlib
+import logging
 import os
 import shlex
 import statistics
@@ -24,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import roofline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,26 +43,66 @@ _CONFIGS = ("cifar10", "shapes")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "cifar10", _CONFIGS, "Config whose network is measured (configs/).")
 flags.DEFINE_list("batch_sizes", ["8", "32"], "Global batch sizes of the train step.")
-flags.DEFINE_integer("sample_batch", 64, "Batch of the sampling network call.")
+flags.DEFINE_integer("sample_batch", 64, "Batch of the sampling network call (0: none).")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement; the median is reported.")
 flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling, before the timed ones.")
-flags.DEFINE_integer("matmul_size", 4096, "N of the N x N float32 matmul giving the peak.")
+flags.DEFINE_integer("matmul_size", 4096, "N of the N x N matmul giving the peak.")
+flags.DEFINE_enum("matmul_dtype", "float32", ("float32", "bfloat16"), "dtype of the peak matmul.")
+flags.DEFINE_enum("dtype", None, ("float32", "bfloat16"), "model.dtype (default: the config's).")
+flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: the config's).")
 
 
-def _row(name, batch, compile_s, times, flops) -> dict:
-  return dict(name=name, batch=batch, compile_s=compile_s, times=times, flops=flops)
+def _row(name, batch, compile_s, times, flops, compiled_flops=None) -> dict:
+  compiled_flops = flops if compiled_flops is None else compiled_flops
+  return dict(
+    name=name,
+    batch=batch,
+    compile_s=compile_s,
+    times=times,
+    flops=flops,
+    compiled_flops=compiled_flops,
+  )
 
 
-def matmul_peak(n: int, warmup: int, repeats: int) -> dict:
-  """The float32 [n, n] @ [n, n] matmul: 2 n^3 FLOPs per call."""
-  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+def model_flops(fn, *args) -> float:
+  """FLOPs of `fn` at `args` as written, counted from its jaxpr (`jax.experimental.roofline`).
+
+  XLA's counts miss library calls, such as cuDNN's convolutions on a GPU."""
+  # Silences "no roofline rule" for the FLOP-free primitives (absl in older jax).
+  loggers = [logging.getLogger(name) for name in ("absl", roofline.roofline.__module__)]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  try:
+    _, result = roofline.roofline(fn)(*args)
+  finally:
+    for logger, level in zip(loggers, levels, strict=True):
+      logger.setLevel(level)
+  return float(result.unfused_flops)
+
+
+def compile_counted(jitted, counted, *args):
+  """(compiled, compile seconds, model FLOPs, compiled FLOPs) of `jitted` at `args`' shapes.
+
+  The model FLOPs are those of `counted`, the same function built with plain attention and
+  without remat, whose every FLOP the jaxpr count sees."""
+  flops = model_flops(counted, *args)
+  compiled, compile_s = timing.compile_timed(jitted, *args)
+  return compiled, compile_s, flops, timing.flops(compiled)
+
+
+def matmul_peak(n: int, dtype: str, warmup: int, repeats: int) -> dict:
+  """The [n, n] @ [n, n] matmul in `dtype`: 2 n^3 FLOPs per call."""
+  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32).astype(dtype)
   compiled, compile_s = timing.compile_timed(jax.jit(jnp.matmul), a, b)
   times = timing.timed(lambda: jax.block_until_ready(compiled(a, b)), warmup, repeats)
-  return _row(f"float32 matmul {n}x{n}", None, compile_s, times, 2.0 * n**3)
+  return _row(f"{dtype} matmul {n}x{n}", None, compile_s, times, 2.0 * n**3)
 
 
-def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
-  """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state)."""
+def bench_train_step(run, count_run, state, batch_size: int, warmup: int, repeats: int):
+  """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state).
+
+  `count_run` is `run` with plain attention and without remat: its FLOPs are counted."""
   parallel.check_batch_size(batch_size, run.mesh)
   step_fn = train.compile_train_step(run)
   images = np.random.default_rng(batch_size).integers(
@@ -62,7 +110,8 @@ def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
   )
   batch = parallel.put_batch({"image": images}, run.mesh)
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
-  compiled, compile_s = timing.compile_timed(step_fn, state, batch, train_key)
+  counted = train.compile_train_step(count_run)
+  compiled, compile_s, *flops = compile_counted(step_fn, counted, state, batch, train_key)
 
   def step():
     nonlocal state
@@ -70,16 +119,19 @@ def bench_train_step(run, state, batch_size: int, warmup: int, repeats: int):
     jax.block_until_ready((state, metrics))
 
   times = timing.timed(step, warmup, repeats)
-  return _row("train step", batch_size, compile_s, times, timing.flops(compiled)), state
+  return _row("train step", batch_size, compile_s, times, *flops), state
 
 
-def bench_sample_call(run, params, batch_size: int, warmup: int, repeats: int) -> dict:
+def bench_sample_call(run, count_run, params, batch_size: int, warmup: int, repeats: int) -> dict:
   """Times one jitted U-Net apply with train=False, as each reverse step makes it."""
   parallel.check_batch_size(batch_size, run.mesh, field="--sample_batch")
-  apply_fn = jax.jit(
-    lambda params, x_t, t: run.model.apply({"params": params}, x_t, t, train=False),
-    in_shardings=(parallel.replicated(run.mesh), *[parallel.batch_sharded(run.mesh)] * 2),
-  )
+  shardings = (parallel.replicated(run.mesh), *[parallel.batch_sharded(run.mesh)] * 2)
+
+  def jitted_apply(model):
+    apply = lambda params, x_t, t: model.apply({"params": params}, x_t, t, train=False)
+    return jax.jit(apply, in_shardings=shardings)
+
+  apply_fn, counted = jitted_apply(run.model), jitted_apply(count_run.model)
   np_rng = np.random.default_rng(0)
   inputs = parallel.put_batch(
     {
@@ -88,17 +140,18 @@ def bench_sample_call(run, params, batch_size: int, warmup: int, repeats: int) -
     },
     run.mesh,
   )
-  compiled, compile_s = timing.compile_timed(apply_fn, params, inputs["x_t"], inputs["t"])
-  call = lambda: jax.block_until_ready(compiled(params, inputs["x_t"], inputs["t"]))
+  args = (params, inputs["x_t"], inputs["t"])
+  compiled, compile_s, *flops = compile_counted(apply_fn, counted, *args)
+  call = lambda: jax.block_until_ready(compiled(*args))
   times = timing.timed(call, warmup, repeats)
-  return _row("sampling network call", batch_size, compile_s, times, timing.flops(compiled))
+  return _row("sampling network call", batch_size, compile_s, times, *flops)
 
 
 def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
   lines = [
-    "| measurement | batch | compile (s) | ms / call | images / s | GFLOP / call | GFLOP/s "
-    "| % of matmul peak |",
-    "|---|--:|--:|--:|--:|--:|--:|--:|",
+    "| measurement | batch | compile (s) | ms / call | images / s | model GFLOP / call "
+    "| compiled GFLOP / call | model GFLOP/s | % of matmul peak |",
+    "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
   ]
   for row in rows:
     times, batch, flops = row["times"], row["batch"], row["flops"]
@@ -107,7 +160,8 @@ def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
       f"| {row['name']} | {batch or '–'} | {row['compile_s']:.1f} "
       f"| {timing.median_range([1e3 * t for t in times])} "
       f"| {timing.median_range([batch / t for t in times]) if batch else '–'} "
-      f"| {flops / 1e9:.1f} | {achieved / 1e9:.0f} | {100 * achieved / peak_flops_per_s:.1f} |"
+      f"| {flops / 1e9:.1f} | {row['compiled_flops'] / 1e9:.1f} | {achieved / 1e9:.0f} "
+      f"| {100 * achieved / peak_flops_per_s:.1f} |"
     )
   return "\n".join(lines)
 
@@ -116,12 +170,18 @@ def main(argv):
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
-  config.sample.batch_size = FLAGS.sample_batch
+  config.sample.batch_size = FLAGS.sample_batch or config.sample.batch_size
+  for field in ("dtype", "attention"):
+    if getattr(FLAGS, field) is not None:
+      config.model[field] = getattr(FLAGS, field)
   run = train.make_run(config)
+  count_config = config.copy_and_resolve_references()
+  count_config.model.attention, count_config.model.remat = "plain", False
+  count_run = train.make_run(count_config)
   log = lambda message: print(message, file=sys.stderr, flush=True)
 
-  log(f"matmul peak ({FLAGS.matmul_size}x{FLAGS.matmul_size} float32)")
-  peak = matmul_peak(FLAGS.matmul_size, FLAGS.warmup, FLAGS.repeats)
+  log(f"matmul peak ({FLAGS.matmul_size}x{FLAGS.matmul_size} {FLAGS.matmul_dtype})")
+  peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_dtype, FLAGS.warmup, FLAGS.repeats)
   peak_flops_per_s = peak["flops"] / statistics.median(peak["times"])
 
   init = jax.jit(
@@ -133,17 +193,21 @@ def main(argv):
   rows = []
   for batch_size in batch_sizes:
     log(f"train step, batch {batch_size}")
-    row, state = bench_train_step(run, state, batch_size, FLAGS.warmup, FLAGS.repeats)
+    row, state = bench_train_step(run, count_run, state, batch_size, FLAGS.warmup, FLAGS.repeats)
     rows.append(row)
-  log(f"sampling network call, batch {FLAGS.sample_batch}")
-  rows.append(
-    bench_sample_call(run, state.ema_params, FLAGS.sample_batch, FLAGS.warmup, FLAGS.repeats)
-  )
+  if FLAGS.sample_batch:
+    log(f"sampling network call, batch {FLAGS.sample_batch}")
+    rows.append(
+      bench_sample_call(
+        run, count_run, state.ema_params, FLAGS.sample_batch, FLAGS.warmup, FLAGS.repeats
+      )
+    )
   rows.append(peak)
 
   device = jax.devices()[0]
   print(
-    f"**{FLAGS.config}** network, {num_params:,} parameters, on {device.device_kind} "
+    f"**{FLAGS.config}** network, {num_params:,} parameters, model.dtype={config.model.dtype}, "
+    f"model.attention={config.model.attention}, on {device.device_kind} "
     f"({device.platform}, {jax.device_count()} device(s)); jax {jax.__version__}; "
     f"{os.cpu_count()} CPUs. Median (min–max) of {FLAGS.repeats} timed calls after "
     f"{FLAGS.warmup} warm-up call(s); compile = lower + compile.\n"
