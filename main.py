@@ -71,11 +71,14 @@ def main(argv):
   del argv
   # Orbax reports every save at INFO; keep the terminal for this program's own messages.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  from diffusion_jax import parallel
+  from diffusion_jax import hostmem, parallel
   from diffusion_jax.errors import ConfigError, TrainingStopped
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", _CONFIG_NAME)
+  # Before JAX starts its CPU client, whose threads take their malloc arenas when they start.
+  if hostmem.configure(config.get("reuse_host_memory", False)):
+    logging.info("host memory: freed memory kept for reuse (config.reuse_host_memory)")
   try:
     # Before anything else touches JAX: the backends start with the processes connected.
     if parallel.initialize_distributed(force=FLAGS.distributed):

@@ -30,7 +30,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import models, parallel, rng, train  # noqa: E402
+from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Train batch of the CIFAR-10 network.")
@@ -38,6 +38,9 @@ flags.DEFINE_integer("sample_batch", 64, "Batch of the sampling network call.")
 flags.DEFINE_integer("rounds", 3, "Alternating timing rounds; medians over rounds are reported.")
 flags.DEFINE_integer("steps_per_call", 8, "k of the shapes network's steps_per_call row.")
 flags.DEFINE_integer("shapes_batch", 32, "Train batch of the shapes network.")
+flags.DEFINE_bool(
+  "reuse_host_memory", True, "config.reuse_host_memory: keep freed host memory (CPU, glibc)."
+)
 flags.DEFINE_integer("microbatch", 16, "model.microbatch of the sampling call's chunked row.")
 
 # (row label, model overrides) of the CIFAR-10 train-step variants; the first is the default.
@@ -115,6 +118,7 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
 
 def main(argv):
   del argv
+  hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
   n = FLAGS.batch
   calls = {}
   for label, model in VARIANTS:

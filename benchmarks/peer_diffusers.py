@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
 from configs import cifar10  # noqa: E402
-from diffusion_jax import models, parallel, rng, train  # noqa: E402
+from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("train_batch", 32, "Batch of the train step.")
@@ -48,6 +48,9 @@ flags.DEFINE_enum(
   "float32",
   ["float32", "bfloat16"],
   "Compute dtype: ours model.dtype, the peer torch.autocast; parameters stay float32.",
+)
+flags.DEFINE_bool(
+  "reuse_host_memory", True, "config.reuse_host_memory: keep freed host memory (CPU, glibc)."
 )
 flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the peer runs.")
 flags.DEFINE_integer(
@@ -151,6 +154,7 @@ def peer(train_batch: int, sample_batch: int):
 
 def main(argv):
   del argv
+  reused = hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
   sides = {"ours": ours(FLAGS.train_batch, FLAGS.sample_batch)}
   sides["diffusers"] = peer(FLAGS.train_batch, FLAGS.sample_batch)
   batches = {"train step": FLAGS.train_batch, "sampling call": FLAGS.sample_batch}
@@ -168,7 +172,8 @@ def main(argv):
   if FLAGS.torch_device == "cuda":
     where = f"ours on {jax.devices()[0].device_kind}, diffusers on {torch.cuda.get_device_name()}"
   lines = [
-    f"{where}, {FLAGS.dtype}, dropout {FLAGS.dropout:g}; jax {jax.__version__}, "
+    f"{where}, {FLAGS.dtype}, dropout {FLAGS.dropout:g}, freed host memory "
+    f"{'kept for reuse' if reused else 'returned'}; jax {jax.__version__}, "
     f"torch {torch.__version__}; "
     f"parameters: ours {sides['ours'][2]:,}, diffusers {sides['diffusers'][2]:,}. Images/s, "
     f"median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.steps} calls.",

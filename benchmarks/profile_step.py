@@ -33,7 +33,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import models, parallel, rng, train  # noqa: E402
+from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -138,6 +138,7 @@ def compiled_program(run, config):
 def main(argv):
   del argv
   config = FLAGS.config
+  hostmem.configure(config.get("reuse_host_memory", False))  # Before JAX starts its CPU client.
   run = train.make_run(config)
   compiled, args = compiled_program(run, config)
   operations = hlo_operations(compiled.as_text())

@@ -36,7 +36,7 @@ from jax.experimental import roofline
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import parallel, rng, train  # noqa: E402
+from diffusion_jax import hostmem, parallel, rng, train  # noqa: E402
 
 _CONFIGS = ("cifar10", "shapes")
 
@@ -49,6 +49,9 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling, before the tim
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N matmul giving the peak.")
 flags.DEFINE_enum("matmul_dtype", "float32", ("float32", "bfloat16"), "dtype of the peak matmul.")
 flags.DEFINE_enum("dtype", None, ("float32", "bfloat16"), "model.dtype (default: the config's).")
+flags.DEFINE_bool(
+  "reuse_host_memory", True, "config.reuse_host_memory: keep freed host memory (CPU, glibc)."
+)
 flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: the config's).")
 
 
@@ -169,6 +172,7 @@ def format_table(rows: list[dict], peak_flops_per_s: float) -> str:
 def main(argv):
   del argv
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  reused = hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
   config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
   config.sample.batch_size = FLAGS.sample_batch or config.sample.batch_size
   for field in ("dtype", "attention"):
@@ -210,7 +214,8 @@ def main(argv):
     f"model.attention={config.model.attention}, on {device.device_kind} "
     f"({device.platform}, {jax.device_count()} device(s)); jax {jax.__version__}; "
     f"{os.cpu_count()} CPUs. Median (min–max) of {FLAGS.repeats} timed calls after "
-    f"{FLAGS.warmup} warm-up call(s); compile = lower + compile.\n"
+    f"{FLAGS.warmup} warm-up call(s); compile = lower + compile; freed host memory "
+    f"{'kept for reuse' if reused else 'returned (malloc defaults)'}.\n"
   )
   print(format_table(rows, peak_flops_per_s))
   print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
