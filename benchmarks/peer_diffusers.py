@@ -6,6 +6,7 @@ Set-up, once (the peer stays out of the project's requirements):
 Run from the repository root:
   .venv-peer/bin/python benchmarks/peer_diffusers.py
   .venv-peer/bin/python benchmarks/peer_diffusers.py --train_batch=32 --sample_batch=64 --rounds=5
+  .venv-peer/bin/python benchmarks/peer_diffusers.py --processes     # each side in its own process
   python benchmarks/peer_diffusers.py --torch_device=cuda --dtype=bfloat16 --train_batch=128 \
     --sample_batch=256 --steps=10 --rounds=5                                   # on a GPU
 
@@ -17,14 +18,18 @@ head at 16x16 and dropout 0.1 (--dropout). The train step is the same work on bo
 compute, float32 parameters and loss). The sampling call is one network evaluation without
 gradients. After warm-up, the two sides alternate in --rounds rounds of --steps calls each, so
 that machine noise hits both alike; the table gives images/s as the median (min–max) over rounds
-and our/peer ratios of the medians. On a GPU (--torch_device=cuda, JAX on its default GPU) each
-call waits for the device; PyTorch gets cuDNN's autotuner and, like JAX's default precision,
-TF32 for float32 matmuls and convolutions.
+and our/peer ratios of the medians. With --processes each side runs in a fresh process in each
+round (compiled and warmed up anew, then timed), the processes alternating, so that neither
+library's threads or heap touch the other's timings. On a GPU (--torch_device=cuda, JAX on its
+default GPU) each call waits for the device; PyTorch gets cuDNN's autotuner and, like JAX's
+default precision, TF32 for float32 matmuls and convolutions.
 """
 
+import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 
 import jax
@@ -52,6 +57,12 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
   "reuse_host_memory", True, "config.reuse_host_memory: keep freed host memory (CPU, glibc)."
 )
+flags.DEFINE_bool(
+  "processes",
+  False,
+  "Run each side in a fresh process per round (alternating) instead of both in this one.",
+)
+flags.DEFINE_enum("side", "both", ["both", "ours", "diffusers"], "Measure one side only.")
 flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the peer runs.")
 flags.DEFINE_integer(
   "microbatch", 0, "Our model.microbatch for the sampling call (0: the whole batch at once)."
@@ -66,7 +77,10 @@ def ours(train_batch: int, sample_batch: int):
   config.model.dtype = FLAGS.dtype
   config.model.microbatch = FLAGS.microbatch
   run = train.make_run(config)
-  state = jax.jit(run.init_state)(rng.stream_key(0, rng.INIT))
+  # Replicated over the mesh, as the trainer makes it: the step's output state is the same
+  # sharding, so the second call does not compile the step again.
+  init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
+  state = init(rng.stream_key(0, rng.INIT))
   step_fn = train.compile_train_step(run)
   images = np.random.default_rng(0).integers(0, 256, (train_batch, 32, 32, 3), dtype=np.uint8)
   batch = parallel.put_batch({"image": images}, run.mesh)
@@ -152,20 +166,65 @@ def peer(train_batch: int, sample_batch: int):
   return train_call, sample_call, sum(p.numel() for p in model.parameters())
 
 
-def main(argv):
-  del argv
-  reused = hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
-  sides = {"ours": ours(FLAGS.train_batch, FLAGS.sample_batch)}
-  sides["diffusers"] = peer(FLAGS.train_batch, FLAGS.sample_batch)
-  batches = {"train step": FLAGS.train_batch, "sampling call": FLAGS.sample_batch}
+_BUILDERS = {"ours": ours, "diffusers": peer}
+_SIDE_FLAGS = (
+  "train_batch",
+  "sample_batch",
+  "steps",
+  "dropout",
+  "dtype",
+  "microbatch",
+  "torch_device",
+  "reuse_host_memory",
+)
+
+
+def measure(names, rounds: int, batches: dict) -> tuple[dict, dict]:
+  """({(side, measurement): images/s per round}, {side: parameter count}) in this process."""
+  sides = {name: _BUILDERS[name](FLAGS.train_batch, FLAGS.sample_batch) for name in names}
   rates = {(side, what): [] for side in sides for what in batches}
   for train_call, sample_call, _ in sides.values():  # Compile and warm up.
     train_call(), sample_call()
-  for _ in range(FLAGS.rounds):
+  for _ in range(rounds):
     for side, (train_call, sample_call, _) in sides.items():
       for what, call in (("train step", train_call), ("sampling call", sample_call)):
         times = timing.timed(call, 0, FLAGS.steps)
         rates[side, what].append(batches[what] / statistics.median(times))
+  return rates, {side: count for side, (_, _, count) in sides.items()}
+
+
+def measure_in_processes(batches: dict) -> tuple[dict, dict]:
+  """`measure` with each side in a fresh process per round, the sides alternating."""
+  rates = {(side, what): [] for side in _BUILDERS for what in batches}
+  counts = {}
+  for round_index in range(FLAGS.rounds):
+    for side in _BUILDERS:
+      print(f"round {round_index + 1}/{FLAGS.rounds}: {side}", file=sys.stderr, flush=True)
+      argv = [sys.executable, os.path.abspath(__file__), f"--side={side}", "--rounds=1"]
+      argv += [f"--{name}={getattr(FLAGS, name)}" for name in _SIDE_FLAGS]
+      result = subprocess.run(argv, capture_output=True, text=True, check=True)
+      reply = json.loads(result.stdout.strip().splitlines()[-1])
+      counts[side] = reply["parameters"]
+      for what in batches:
+        rates[side, what] += reply["rates"][what]
+  return rates, counts
+
+
+def main(argv):
+  del argv
+  reused = hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
+  batches = {"train step": FLAGS.train_batch, "sampling call": FLAGS.sample_batch}
+  if FLAGS.side != "both":  # One side for a --processes run: a JSON line on stdout.
+    rates, counts = measure([FLAGS.side], FLAGS.rounds, batches)
+    reply = {"rates": {what: rates[FLAGS.side, what] for what in batches}}
+    print(json.dumps({**reply, "parameters": counts[FLAGS.side]}))
+    return
+  if FLAGS.processes:
+    rates, counts = measure_in_processes(batches)
+    how = "alternating fresh processes, one per side and round"
+  else:
+    rates, counts = measure(list(_BUILDERS), FLAGS.rounds, batches)
+    how = "alternating rounds in one process"
   import torch
 
   where = f"{os.cpu_count()} CPUs"
@@ -175,8 +234,8 @@ def main(argv):
     f"{where}, {FLAGS.dtype}, dropout {FLAGS.dropout:g}, freed host memory "
     f"{'kept for reuse' if reused else 'returned'}; jax {jax.__version__}, "
     f"torch {torch.__version__}; "
-    f"parameters: ours {sides['ours'][2]:,}, diffusers {sides['diffusers'][2]:,}. Images/s, "
-    f"median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.steps} calls.",
+    f"parameters: ours {counts['ours']:,}, diffusers {counts['diffusers']:,}. Images/s, "
+    f"median (min–max) over {FLAGS.rounds} rounds of {FLAGS.steps} calls, {how}.",
     "",
     "| measurement | batch | ours | diffusers (PyTorch) | ours / diffusers |",
     "|---|--:|--:|--:|--:|",
