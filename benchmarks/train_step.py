@@ -113,7 +113,7 @@ def bench_train_step(run, count_run, state, batch_size: int, warmup: int, repeat
   )
   batch = parallel.put_batch({"image": images}, run.mesh)
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
-  counted = train.compile_train_step(count_run)
+  counted = step_fn if count_run is run else train.compile_train_step(count_run)
   compiled, compile_s, *flops = compile_counted(step_fn, counted, state, batch, train_key)
 
   def step():
@@ -134,7 +134,8 @@ def bench_sample_call(run, count_run, params, batch_size: int, warmup: int, repe
     apply = lambda params, x_t, t: model.apply({"params": params}, x_t, t, train=False)
     return jax.jit(apply, in_shardings=shardings)
 
-  apply_fn, counted = jitted_apply(run.model), jitted_apply(count_run.model)
+  apply_fn = jitted_apply(run.model)
+  counted = apply_fn if count_run is run else jitted_apply(count_run.model)
   np_rng = np.random.default_rng(0)
   inputs = parallel.put_batch(
     {
@@ -179,9 +180,11 @@ def main(argv):
     if getattr(FLAGS, field) is not None:
       config.model[field] = getattr(FLAGS, field)
   run = train.make_run(config)
-  count_config = config.copy_and_resolve_references()
-  count_config.model.attention, count_config.model.remat = "plain", False
-  count_run = train.make_run(count_config)
+  count_run = run  # The same network with plain attention and no remat, for the FLOP count.
+  if config.model.attention != "plain" or config.model.remat:
+    count_config = config.copy_and_resolve_references()
+    count_config.model.attention, count_config.model.remat = "plain", False
+    count_run = train.make_run(count_config)
   log = lambda message: print(message, file=sys.stderr, flush=True)
 
   log(f"matmul peak ({FLAGS.matmul_size}x{FLAGS.matmul_size} {FLAGS.matmul_dtype})")
