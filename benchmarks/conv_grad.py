@@ -9,13 +9,19 @@ For each (size, channels) of the DDPM CIFAR-10 U-Net's 3x3 convolutions it times
 float32: the forward convolution, its gradient with respect to the input and with respect to the
 weight as XLA computes them, and the weight gradient computed as matrix products instead (the
 input's 3x3 patches of `--chunk` images at a time against the output gradient, accumulated in
-a scan: the patches stay in cache). All have the same FLOPs (2 B H W 9 C_in C_out); the table
-gives GFLOP/s as the median (min–max) of --repeats calls after one untimed call, next to the
-float32 matmul of --matmul_size on the same machine.
+a scan: the patches stay in cache), and all three passes in one program. The single passes have
+the same FLOPs (2 B H W 9 C_in C_out), the three together three times that; the table gives
+GFLOP/s as the median (min–max) of --repeats calls after one untimed call, next to the float32
+matmul of --matmul_size on the same machine.
+
+With --peer (PyTorch installed, as in the environment of `peer_diffusers.py`) it also times
+PyTorch's convolution (oneDNN on a CPU, channels-last float32) at the same shapes: the forward
+pass, and the forward pass with both gradients, whose rate is compared with XLA's three passes.
 """
 
 import os
 import shlex
+import statistics
 import sys
 
 import jax
@@ -27,12 +33,14 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
+from diffusion_jax import hostmem  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Images per call.")
 flags.DEFINE_integer("chunk", 2, "Images per patch matrix of the matrix-product weight gradient.")
 flags.DEFINE_integer("repeats", 7, "Timed calls per measurement; the median is reported.")
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N float32 matmul giving the peak.")
+flags.DEFINE_bool("peer", False, "Also time PyTorch's convolution (needs torch).")
 
 # (feature-map size, input channels, output channels) of the CIFAR-10 network's 3x3 convolutions.
 SHAPES = ((32, 128, 128), (16, 256, 256), (8, 256, 256), (4, 256, 256))
@@ -59,22 +67,76 @@ def weight_grad_matmul(x, g, chunk: int):
   return acc.reshape(3, 3, cin, cout)
 
 
-def gflops(fn, args, flop_count):
+def rates(call, flop_count) -> list[float]:
+  """GFLOP/s of each of --repeats calls of `call` (which blocks) after one untimed call."""
+  return [flop_count / t / 1e9 for t in timing.timed(call, 1, FLAGS.repeats)]
+
+
+def jit_rates(fn, args, flop_count) -> list[float]:
+  """GFLOP/s of repeated calls of `fn`, compiled for `args`."""
   compiled = jax.jit(fn).lower(*args).compile()
-  times = timing.timed(lambda: jax.block_until_ready(compiled(*args)), 1, FLAGS.repeats)
-  return timing.median_range([flop_count / t / 1e9 for t in times])
+  return rates(lambda: jax.block_until_ready(compiled(*args)), flop_count)
+
+
+def gflops(fn, args, flop_count) -> str:
+  return timing.median_range(jit_rates(fn, args, flop_count))
+
+
+def peer_rates(x, w, g, flop_count) -> tuple[list[float], list[float]]:
+  """PyTorch's GFLOP/s for the forward pass and for the forward pass with both gradients."""
+  import torch  # noqa: PLC0415 (only in the peer's environment)
+
+  to_torch = lambda a, perm: torch.from_numpy(np.asarray(a).transpose(perm).copy())
+  channels_last = torch.channels_last
+  xt = to_torch(x, (0, 3, 1, 2)).contiguous(memory_format=channels_last).requires_grad_()
+  wt = to_torch(w, (3, 2, 0, 1)).contiguous(memory_format=channels_last).requires_grad_()
+  gt = to_torch(g, (0, 3, 1, 2)).contiguous(memory_format=channels_last)
+  conv_t = lambda: torch.nn.functional.conv2d(xt, wt, padding=1)
+  dx, dw = torch.autograd.grad(conv_t(), (xt, wt), gt)
+  np.testing.assert_allclose(
+    dx.permute(0, 2, 3, 1).numpy(), np.asarray(x_grad(x, w, g)), 1e-3, 0.05
+  )
+  np.testing.assert_allclose(
+    dw.permute(2, 3, 1, 0).numpy(), np.asarray(w_grad(x, w, g)), 1e-3, 0.05
+  )
+  with torch.no_grad():
+    forward = rates(conv_t, flop_count)
+  both = rates(lambda: torch.autograd.grad(conv_t(), (xt, wt), gt), 3 * flop_count)
+  return forward, both
+
+
+def x_grad(x, w, g):
+  return jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+
+
+def w_grad(x, w, g):
+  return jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+
+
+def three_passes(x, w, g):
+  """The forward pass and both gradients, as a train step needs them."""
+  y, vjp = jax.vjp(conv, x, w)
+  return y, *vjp(g)
 
 
 def main(argv):
   del argv
+  hostmem.configure(True)  # Before JAX starts its CPU client, as main.py does by default.
   b = FLAGS.batch
+  header = (
+    "| feature map | C_in → C_out | GFLOP / call | forward | input gradient | weight gradient "
+    "(XLA) | weight gradient (patch matmuls) | all three |"
+  )
+  rule = "|---|---|--:|--:|--:|--:|--:|--:|"
+  if FLAGS.peer:
+    header += " PyTorch forward | PyTorch, all three | all three, XLA / PyTorch |"
+    rule += "--:|--:|--:|"
   lines = [
     f"Device: {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
     f"batch {b}, float32; GFLOP/s, median (min–max) of {FLAGS.repeats} calls.",
     "",
-    "| feature map | C_in → C_out | GFLOP / call | forward | input gradient | weight gradient "
-    "(XLA) | weight gradient (patch matmuls) |",
-    "|---|---|--:|--:|--:|--:|--:|",
+    header,
+    rule,
   ]
   for size, cin, cout in SHAPES:
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -82,18 +144,29 @@ def main(argv):
     w = 0.05 * jax.random.normal(kw, (3, 3, cin, cout))
     g = jax.random.normal(kg, (b, size, size, cout))
     count = 2 * b * size * size * 9 * cin * cout
-    dx = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
-    dw = lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
     dw_mm = lambda x, w, g: weight_grad_matmul(x, g, FLAGS.chunk)
-    np.testing.assert_allclose(jax.jit(dw_mm)(x, w, g), jax.jit(dw)(x, w, g), rtol=1e-3, atol=0.05)
-    cells = [gflops(f, (x, w, g), count) for f in (dx, dw, dw_mm)]
-    cells.insert(0, gflops(conv, (x, w), count))
+    np.testing.assert_allclose(jax.jit(dw_mm)(x, w, g), jax.jit(w_grad)(x, w, g), 1e-3, 0.05)
+    cells = [gflops(conv, (x, w), count)]
+    cells += [gflops(f, (x, w, g), count) for f in (x_grad, w_grad, dw_mm)]
+    ours = jit_rates(three_passes, (x, w, g), 3 * count)
+    cells.append(timing.median_range(ours))
+    if FLAGS.peer:
+      forward, both = peer_rates(x, w, g, count)
+      ratio = statistics.median(ours) / statistics.median(both)
+      cells += [timing.median_range(forward), timing.median_range(both), f"{ratio:.2f}"]
     lines.append(
       f"| {size}×{size} | {cin} → {cout} | {count / 1e9:.2f} | " + " | ".join(cells) + " |"
     )
   n = FLAGS.matmul_size
   a = jax.random.normal(jax.random.key(1), (n, n))
-  lines += ["", f"float32 matmul {n}×{n}: {gflops(jnp.matmul, (a, a), 2 * n**3)} GFLOP/s", ""]
+  lines += ["", f"float32 matmul {n}×{n}: {gflops(jnp.matmul, (a, a), 2 * n**3)} GFLOP/s"]
+  if FLAGS.peer:
+    import torch  # noqa: PLC0415
+
+    at = torch.from_numpy(np.array(a))
+    peer = timing.median_range(rates(lambda: at @ at, 2 * n**3))
+    lines.append(f"PyTorch {torch.__version__} float32 matmul {n}×{n}: {peer} GFLOP/s")
+  lines.append("")
   lines.append("Command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`")
   print("\n".join(lines))
 

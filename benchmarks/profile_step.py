@@ -54,19 +54,31 @@ _CATEGORIES = (
 )
 
 
-def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-  """{operation name: (result shape, JAX source op_name, custom-call target)} from HLO text."""
+def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str, str, bool]]:
+  """{operation name: (result shape, JAX source op_name, custom-call target, computes)} from HLO.
+
+  `computes` is whether the operation is, or fuses, a matrix product or a convolution: XLA:CPU
+  also hands reductions to its matrix library's fusions (`ynn_fusion`), which compute none.
+  """
+  computations = {}  # {computation name: opcodes of its instructions}
+  for name, body in re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
+    computations[name] = set(re.findall(r"= \S+ ([\w\-]+)\(", body))
   operations = {}
-  for name, rest in re.findall(r"^\s+%?([\w.\-]+) = (.*)$", hlo_text, re.M):
+  for name, rest in re.findall(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$", hlo_text, re.M):
     shape = re.match(r"\(?(\w+\[[\d,]*\])", rest)
     source = re.search(r'op_name="([^"]*)"', rest)
     target = re.search(r'custom_call_target="([^"]*)"', rest)
+    opcode = re.match(r"\S+ ([\w\-]+)\(", rest)
+    opcodes = {opcode.group(1)} if opcode else set()
+    for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+      opcodes |= computations.get(called, set())
     operations.setdefault(
       name,
       (
         shape.group(1) if shape else "",
         source.group(1) if source else "",
         target.group(1) if target else "",
+        bool(opcodes & {"dot", "convolution", "custom-call"}),
       ),
     )
   return operations
@@ -82,12 +94,16 @@ _TARGETS = {
 }
 
 
-def category(name: str, shape: str, source: str, target: str = "") -> str:
-  """The kind of an XLA operation, from its name, result shape, JAX source and call target."""
+def category(name: str, shape: str, source: str, target: str = "", computes: bool = True) -> str:
+  """The kind of an XLA operation, from its name, result shape, JAX source and call target.
+
+  `computes` is False for a library fusion that holds no matrix product or convolution.
+  """
   for key, kind in _TARGETS.items():
     if key in target:
       return kind
-  if name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot", "gemm_fusion")):
+  library = name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot", "gemm_fusion"))
+  if library and computes:
     if re.match(r"\w+\[(\d+,3,3,\d+|3,3,\d+,\d+)\]$", shape):
       return _CATEGORIES[0]  # a 3x3 kernel's shape (XLA names no source for these)
     if "conv_general_dilated" in source:
@@ -162,7 +178,7 @@ def main(argv):
   by_category = collections.Counter()
   counts = collections.Counter()
   for name, ns in durations.items():
-    kind = category(name, *operations.get(name, ("", "", "")))
+    kind = category(name, *operations.get(name, ("", "", "", True)))
     by_category[kind] += ns
     counts[kind] += 1
   total = sum(by_category.values())
@@ -190,10 +206,10 @@ def main(argv):
   listed = [
     (name, ns)
     for name, ns in durations.most_common()
-    if category(name, *operations.get(name, ("", "", ""))).startswith(FLAGS.top_kind)
+    if category(name, *operations.get(name, ("", "", "", True))).startswith(FLAGS.top_kind)
   ]
   for name, ns in listed[: FLAGS.top]:
-    shape, source, _ = operations.get(name, ("", "", ""))
+    shape, source, *_ = operations.get(name, ("", "", "", True))
     source = source.removeprefix("jit(").split(")/", 1)[-1]
     print(f"| {name} | `{shape}` | {source} | {timing.num(ns / 1e6)} |")
   print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")

@@ -1,0 +1,58 @@
+"""benchmarks/profile_step.py: how the operations of XLA's compiled program are told apart."""
+
+from benchmarks import profile_step
+
+# The shape of XLA:CPU's optimized HLO: library fusions (`__ynn_fusion`) hold a convolution, a
+# matrix product, or only a reduction.
+_HLO = """\
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%x, %y)
+}
+
+%fused_computation.1 (param_0: f32[32,8,8,16]) -> f32[32,16] {
+  %param_0 = f32[32,8,8,16]{3,2,1,0} parameter(0)
+  %constant = f32[] constant(0)
+  ROOT %reduce.1 = f32[32,16]{1,0} reduce(%param_0, %constant), dimensions={1,2}, to_apply=%add
+}
+
+%fused_computation.2 (param_0.1: f32[32,8,8,16], param_1.1: f32[3,3,16,16]) -> f32[32,8,8,16] {
+  %param_0.1 = f32[32,8,8,16]{3,2,1,0} parameter(0)
+  %param_1.1 = f32[3,3,16,16]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[32,8,8,16]{3,2,1,0} convolution(%param_0.1, %param_1.1), window={size=3x3 pad=1_1x1_1}
+}
+
+%fused_computation.3 (param_0.2: f32[2048,16], param_1.2: f32[16,32]) -> f32[2048,32] {
+  %param_0.2 = f32[2048,16]{1,0} parameter(0)
+  %param_1.2 = f32[16,32]{1,0} parameter(1)
+  ROOT %dot.1 = f32[2048,32]{1,0} dot(%param_0.2, %param_1.2), lhs_contracting_dims={1}
+}
+
+ENTRY %main (p0: f32[32,8,8,16], p1: f32[3,3,16,16], p2: f32[16,32]) -> f32[32,16] {
+  %p0 = f32[32,8,8,16]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,16,16]{3,2,1,0} parameter(1)
+  %p2 = f32[16,32]{1,0} parameter(2)
+  %ynn_fusion.1 = f32[32,16]{1,0} fusion(%p0), calls=%fused_computation.1, metadata={op_name="jit(f)/UNet/norm/reduce_sum"}
+  %ynn_fusion.2 = f32[32,8,8,16]{3,2,1,0} fusion(%p0, %p1), calls=%fused_computation.2, metadata={op_name="jit(f)/transpose(jvp(UNet))/conv1/conv_general_dilated"}
+  %bitcast.1 = f32[2048,16]{1,0} bitcast(%p0)
+  %ynn_fusion.3 = f32[2048,32]{1,0} fusion(%bitcast.1, %p2), calls=%fused_computation.3, metadata={op_name="jit(f)/UNet/nin_shortcut/dot_general"}
+  ROOT %copy.1 = f32[32,16]{0,1} copy(%ynn_fusion.1)
+}
+"""  # noqa: E501 (HLO writes one instruction per line)
+
+
+def test_library_fusions_are_told_apart_by_what_they_hold():
+  operations = profile_step.hlo_operations(_HLO)
+  kinds = {name: profile_step.category(name, *operations[name]) for name in operations}
+  assert operations["ynn_fusion.1"] == ("f32[32,16]", "jit(f)/UNet/norm/reduce_sum", "", False)
+  assert kinds["ynn_fusion.1"].startswith("elementwise and reductions")
+  assert kinds["ynn_fusion.2"] == "convolution, input gradient"
+  assert kinds["ynn_fusion.3"].startswith("matrix products")
+  assert kinds["copy.1"] == "layout copies and transposes"
+
+
+def test_operations_without_hlo_keep_their_old_kinds():
+  # A name the HLO lacks (the profile's own events) is judged by its name and shape alone.
+  assert profile_step.category("ynn_fusion.9", "f32[128,3,3,128]", "").startswith("convolution, w")
+  assert profile_step.category("ynn_fusion.9", "f32[64,64]", "", computes=False).startswith("elem")
