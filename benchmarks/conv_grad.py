@@ -14,6 +14,10 @@ the same FLOPs (2 B H W 9 C_in C_out), the three together three times that; the 
 GFLOP/s as the median (min–max) of --repeats calls after one untimed call, next to the float32
 matmul of --matmul_size on the same machine.
 
+With --winograd it also times all three passes of Winograd's algorithm (`models.winograd`,
+F(2x2, 3x3) and F(4x4, 3x3), JAX's autodiff for the gradients), counted at the direct
+convolution's FLOPs so that the rates compare as speeds, and checks them against XLA's.
+
 With --peer (PyTorch installed, as in the environment of `peer_diffusers.py`) it also times
 PyTorch's convolution (oneDNN on a CPU, channels-last float32) at the same shapes: the forward
 pass, and the forward pass with both gradients, whose rate is compared with XLA's three passes.
@@ -34,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
 from diffusion_jax import hostmem  # noqa: E402
+from diffusion_jax.models import winograd  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Images per call.")
@@ -41,6 +46,7 @@ flags.DEFINE_integer("chunk", 2, "Images per patch matrix of the matrix-product 
 flags.DEFINE_integer("repeats", 7, "Timed calls per measurement; the median is reported.")
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N float32 matmul giving the peak.")
 flags.DEFINE_bool("peer", False, "Also time PyTorch's convolution (needs torch).")
+flags.DEFINE_bool("winograd", False, "Also time Winograd's F(2x2, 3x3) and F(4x4, 3x3).")
 
 # (feature-map size, input channels, output channels) of the CIFAR-10 network's 3x3 convolutions.
 SHAPES = ((32, 128, 128), (16, 256, 256), (8, 256, 256), (4, 256, 256))
@@ -113,10 +119,19 @@ def w_grad(x, w, g):
   return jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
 
 
-def three_passes(x, w, g):
+def three_passes(x, w, g, conv=conv):
   """The forward pass and both gradients, as a train step needs them."""
   y, vjp = jax.vjp(conv, x, w)
   return y, *vjp(g)
+
+
+def winograd_rates(x, w, g, m: int, flop_count) -> list[float]:
+  """GFLOP/s (direct-convolution FLOPs) of the three passes by Winograd's F(m x m, 3 x 3)."""
+  passes = lambda x, w, g: three_passes(x, w, g, lambda x, w: winograd.conv3x3(x, w, m))
+  expected = jax.jit(three_passes)(x, w, g)
+  for actual, reference in zip(jax.jit(passes)(x, w, g), expected, strict=True):
+    np.testing.assert_allclose(actual, reference, 1e-3, 1e-3 * float(jnp.max(jnp.abs(reference))))
+  return jit_rates(passes, (x, w, g), 3 * flop_count)
 
 
 def main(argv):
@@ -128,6 +143,9 @@ def main(argv):
     "(XLA) | weight gradient (patch matmuls) | all three |"
   )
   rule = "|---|---|--:|--:|--:|--:|--:|--:|"
+  if FLAGS.winograd:
+    header += " Winograd F(2×2), all three | Winograd F(4×4), all three |"
+    rule += "--:|--:|"
   if FLAGS.peer:
     header += " PyTorch forward | PyTorch, all three | all three, XLA / PyTorch |"
     rule += "--:|--:|--:|"
@@ -150,6 +168,8 @@ def main(argv):
     cells += [gflops(f, (x, w, g), count) for f in (x_grad, w_grad, dw_mm)]
     ours = jit_rates(three_passes, (x, w, g), 3 * count)
     cells.append(timing.median_range(ours))
+    if FLAGS.winograd:
+      cells += [timing.median_range(winograd_rates(x, w, g, m, count)) for m in (2, 4)]
     if FLAGS.peer:
       forward, both = peer_rates(x, w, g, count)
       ratio = statistics.median(ours) / statistics.median(both)

@@ -5,10 +5,11 @@ Run from the repository root:
   python benchmarks/fast_paths.py --rounds=5 --batch=64
 
 CIFAR-10 network: the train step (as the trainer compiles it: state donated) with each network
-switch flipped on its own (`model.subpixel_upsample`, `model.remat`, `model.attention`,
-`model.dtype`), all compiled first and then timed in alternating rounds, so that every variant
-sees the same machine state; plus one sampling network call with and without the sub-pixel
-Upsample, and in chunks of `--microbatch` (`model.microbatch`). Shapes network:
+switch flipped on its own (`model.conv`, `model.subpixel_upsample`, `model.remat`,
+`model.attention`, `model.dtype`), all compiled first and then timed in alternating rounds, so
+that every variant sees the same machine state; plus one sampling network call with and without
+Winograd convolutions and the sub-pixel Upsample, and in chunks of `--microbatch`
+(`model.microbatch`). Shapes network:
 `train.steps_per_call` = 1 against k (per-step time; the dispatch overhead it removes matters
 for small models). Memory is XLA's `memory_analysis()` of each
 compiled program: the temporary buffers beyond the arguments and outputs, which is what remat
@@ -45,7 +46,8 @@ flags.DEFINE_integer("microbatch", 16, "model.microbatch of the sampling call's 
 
 # (row label, model overrides) of the CIFAR-10 train-step variants; the first is the default.
 VARIANTS = (
-  ("default (float32, sub-pixel Upsample)", {}),
+  ("default (float32, sub-pixel Upsample, model.conv=auto)", {}),
+  ("model.conv=xla", {"conv": "xla"}),
   ("model.subpixel_upsample=False", {"subpixel_upsample": False}),
   ("model.remat=True", {"remat": True}),
   ("model.attention=fused", {"attention": "fused"}),
@@ -126,7 +128,8 @@ def main(argv):
     calls[label] = TrainCall(make_run("cifar10", n, **model), n)
   sample_calls = {}
   sample_variants = (
-    ("default (sub-pixel Upsample, whole batch)", {}),
+    ("default (sub-pixel Upsample, model.conv=auto, whole batch)", {}),
+    ("model.conv=xla", {"conv": "xla"}),
     ("model.subpixel_upsample=False", {"subpixel_upsample": False}),
     (f"model.microbatch={FLAGS.microbatch}", {"microbatch": FLAGS.microbatch}),
   )

@@ -62,6 +62,7 @@ flags.DEFINE_bool(
   False,
   "Run each side in a fresh process per round (alternating) instead of both in this one.",
 )
+flags.DEFINE_enum("conv", "auto", ["auto", "xla", "winograd"], "Our model.conv.")
 flags.DEFINE_enum("side", "both", ["both", "ours", "diffusers"], "Measure one side only.")
 flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the peer runs.")
 flags.DEFINE_integer(
@@ -76,6 +77,7 @@ def ours(train_batch: int, sample_batch: int):
   config.model.dropout = FLAGS.dropout
   config.model.dtype = FLAGS.dtype
   config.model.microbatch = FLAGS.microbatch
+  config.model.conv = FLAGS.conv
   run = train.make_run(config)
   # Replicated over the mesh, as the trainer makes it: the step's output state is the same
   # sharding, so the second call does not compile the step again.
@@ -174,6 +176,7 @@ _SIDE_FLAGS = (
   "dropout",
   "dtype",
   "microbatch",
+  "conv",
   "torch_device",
   "reuse_host_memory",
 )

@@ -13,7 +13,8 @@ sharded over the mesh), fed synthetic uint8 images; the sampling row is one U-Ne
 train=False, the unit every reverse step repeats. Times are the median (min-max) of --repeats
 calls after --warmup untimed ones. The model FLOPs, those that model FLOP utilisation counts,
 are counted from the program's jaxpr (`jax.experimental.roofline`; the same network with plain
-attention and without remat, so that no FLOP hides in a library call or is counted twice); the
+attention, XLA's direct convolutions and without remat, so that no FLOP hides in a library call,
+is counted twice, or is saved by Winograd's algorithm, which computes the same function); the
 compiled FLOPs are XLA's count for the compiled program (`cost_analysis`, per device; on a GPU
 it leaves out cuDNN's convolutions). The achieved rate is the model FLOPs over the median time,
 compared with a --matmul_dtype matmul timed in the same process at JAX's default matmul
@@ -53,6 +54,7 @@ flags.DEFINE_bool(
   "reuse_host_memory", True, "config.reuse_host_memory: keep freed host memory (CPU, glibc)."
 )
 flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: the config's).")
+flags.DEFINE_enum("conv", None, ("auto", "xla", "winograd"), "model.conv (default: the config's).")
 
 
 def _row(name, batch, compile_s, times, flops, compiled_flops=None) -> dict:
@@ -87,8 +89,8 @@ def model_flops(fn, *args) -> float:
 def compile_counted(jitted, counted, *args):
   """(compiled, compile seconds, model FLOPs, compiled FLOPs) of `jitted` at `args`' shapes.
 
-  The model FLOPs are those of `counted`, the same function built with plain attention and
-  without remat, whose every FLOP the jaxpr count sees."""
+  The model FLOPs are those of `counted`, the same function built with plain attention, direct
+  convolutions and without remat, whose every FLOP the jaxpr count sees."""
   flops = model_flops(counted, *args)
   compiled, compile_s = timing.compile_timed(jitted, *args)
   return compiled, compile_s, flops, timing.flops(compiled)
@@ -105,7 +107,8 @@ def matmul_peak(n: int, dtype: str, warmup: int, repeats: int) -> dict:
 def bench_train_step(run, count_run, state, batch_size: int, warmup: int, repeats: int):
   """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state).
 
-  `count_run` is `run` with plain attention and without remat: its FLOPs are counted."""
+  `count_run` is `run` with plain attention, direct convolutions and without remat: its FLOPs
+  are counted."""
   parallel.check_batch_size(batch_size, run.mesh)
   step_fn = train.compile_train_step(run)
   images = np.random.default_rng(batch_size).integers(
@@ -176,14 +179,16 @@ def main(argv):
   reused = hostmem.configure(FLAGS.reuse_host_memory)  # Before JAX starts its CPU client.
   config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
   config.sample.batch_size = FLAGS.sample_batch or config.sample.batch_size
-  for field in ("dtype", "attention"):
+  for field in ("dtype", "attention", "conv"):
     if getattr(FLAGS, field) is not None:
       config.model[field] = getattr(FLAGS, field)
   run = train.make_run(config)
-  count_run = run  # The same network with plain attention and no remat, for the FLOP count.
-  if config.model.attention != "plain" or config.model.remat:
+  # The same network with plain attention, XLA's convolutions and no remat, for the FLOP count.
+  count_run = run
+  if (config.model.attention, config.model.conv, config.model.remat) != ("plain", "xla", False):
     count_config = config.copy_and_resolve_references()
-    count_config.model.attention, count_config.model.remat = "plain", False
+    count_config.model.attention, count_config.model.conv = "plain", "xla"
+    count_config.model.remat = False
     count_run = train.make_run(count_config)
   log = lambda message: print(message, file=sys.stderr, flush=True)
 

@@ -1,6 +1,7 @@
 """Tests of the speed switches: several train steps per call (bitwise the same however the steps
-are split into calls), the sub-pixel Upsample, fused attention, rematerialisation and bfloat16
-compute, each against the plain computation within its stated tolerance."""
+are split into calls), the sub-pixel Upsample, fused attention, rematerialisation, Winograd
+convolutions and bfloat16 compute, each against the plain computation within its stated
+tolerance."""
 
 import dataclasses
 import math
@@ -139,6 +140,7 @@ def test_loop_with_steps_per_call_logs_saves_and_resumes_exactly(multi_runs):
     ({"train.steps_per_call": 0}, "train.steps_per_call=0"),
     ({"train.steps_per_call": 2, "seeds": "0,1"}, "seed study"),
     ({"model.attention": "flash"}, "model.attention='flash'"),
+    ({"model.conv": "fft"}, "model.conv='fft'"),
     ({"model.microbatch": -4}, "model.microbatch=-4"),
   ],
 )
@@ -150,8 +152,8 @@ def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, messag
 
 # ---------------------------------------------------------------- the network
 
-# Two levels (one Upsample), attention at 4x4 with two heads, dropout.
-NET = unet.unet_config_from(TINY)
+# Two levels (one Upsample), attention at 4x4 with two heads, dropout; XLA's convolutions.
+NET = unet.unet_config_from({**TINY, "conv": "xla"})
 
 
 def _net_inputs():
@@ -207,7 +209,13 @@ def test_subpixel_conv_is_the_upsampled_convolution():
 
 @pytest.mark.parametrize(
   "overrides, tolerance",
-  [({"subpixel_upsample": False}, 1e-5), ({"attention": "fused"}, 1e-5), ({"remat": True}, 1e-5)],
+  [
+    ({"subpixel_upsample": False}, 1e-5),
+    ({"attention": "fused"}, 1e-5),
+    ({"remat": True}, 1e-5),
+    # Winograd for every 3x3 convolution (the tiny network is below "auto"'s threshold).
+    ({"conv": "winograd"}, 1e-5),
+  ],
 )
 def test_network_switches_change_only_rounding(overrides, tolerance):
   x, t = _net_inputs()

@@ -8,12 +8,15 @@ initialised to zero, so each ResBlock and attention block starts out as the iden
 Layers take activations `[B, H, W, C]` in the compute dtype `dtype`; parameters are always float32.
 """
 
+import functools
 import math
 import zlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.models.winograd import conv_general_dilated as winograd_conv
 
 # The original code initialises every kernel with variance scaling of scale 1 over the average of
 # fan-in and fan-out (uniform), which differs from Flax's default lecun_normal.
@@ -89,7 +92,15 @@ def group_norm(num_groups: int, dtype, name: str) -> nn.GroupNorm:
   )
 
 
-def conv3x3(features: int, dtype, name: str, *, strides: int = 1, zero: bool = False) -> nn.Conv:
+def conv3x3(
+  features: int,
+  dtype,
+  name: str,
+  *,
+  strides: int = 1,
+  zero: bool = False,
+  conv: str = "xla",
+) -> nn.Conv:
   """3x3 convolution with "SAME" padding, float32 parameters and the original's initialisation.
 
   Args:
@@ -98,6 +109,9 @@ def conv3x3(features: int, dtype, name: str, *, strides: int = 1, zero: bool = F
     name: submodule name.
     strides: 1, or 2 to halve the spatial size.
     zero: zero-initialise the kernel (the last layer of a residual branch).
+    conv: "xla" (XLA's convolution), "winograd" or "auto" (Winograd's algorithm always, or
+      where it is faster: `winograd.tile_size`); the same parameters and, up to float
+      rounding, the same function.
 
   Returns:
     The (unbound) Conv module; [B, H, W, C] -> [B, H / strides, W / strides, features].
@@ -112,6 +126,7 @@ def conv3x3(features: int, dtype, name: str, *, strides: int = 1, zero: bool = F
     kernel_init=zeros_init if zero else default_init,
     dtype=dtype,
     param_dtype=jnp.float32,
+    conv_general_dilated=None if conv == "xla" else functools.partial(winograd_conv, conv=conv),
     name=name,
   )
 
@@ -169,12 +184,14 @@ class ResBlock(nn.Module):
     dropout: dropout rate in [0, 1), applied only with train=True.
     num_groups: GroupNorm groups; must divide the input and output channels.
     dtype: compute dtype.
+    conv: how both 3x3 convolutions are computed (`conv3x3`).
   """
 
   out_channels: int | None = None
   dropout: float = 0.0
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(
@@ -199,7 +216,7 @@ class ResBlock(nn.Module):
     """
     out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
     h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
-    h = conv3x3(out_channels, self.dtype, "conv1")(h)
+    h = conv3x3(out_channels, self.dtype, "conv1", conv=self.conv)(h)
     # The embedding MLP ends in a linear layer; each block applies the swish itself.
     h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
@@ -207,13 +224,15 @@ class ResBlock(nn.Module):
       h = per_example_dropout(h, dropout_keys, self.dropout, "/".join(self.scope.path))
     else:
       h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = conv3x3(out_channels, self.dtype, "conv2", zero=True)(h)
+    h = conv3x3(out_channels, self.dtype, "conv2", zero=True, conv=self.conv)(h)
     if x.shape[-1] != out_channels:
       x = dense(out_channels, self.dtype, "nin_shortcut")(x)
     return x + h
 
 
 ATTENTION_IMPLS = ("plain", "fused")
+# How 3x3 convolutions are computed: `conv3x3`, `UNetConfig.conv`.
+CONV_IMPLS = ("auto", "xla", "winograd")
 
 
 def attention(
