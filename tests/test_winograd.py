@@ -109,9 +109,10 @@ def test_conv3x3_layer_keeps_its_parameters_under_every_algorithm():
   x = jnp.asarray(np_rng.normal(size=(2, 6, 6, 4)), jnp.float32)
   modules = {conv: layers.conv3x3(5, jnp.float32, "conv", conv=conv) for conv in layers.CONV_IMPLS}
   inits = {conv: m.init(jax.random.key(3), x) for conv, m in modules.items()}
-  for params in inits.values():
-    chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, inits["xla"])
-    assert all(jax.tree.leaves(chex_equal))
+  for params in inits.values():  # The same names, shapes and initial values: checkpoints load.
+    assert jax.tree.structure(params) == jax.tree.structure(inits["xla"])
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(inits["xla"]), strict=True)
+    assert all(np.array_equal(a, b) for a, b in pairs)
   params = jax.tree.map(
     lambda p: jnp.asarray(np_rng.normal(size=p.shape), jnp.float32), inits["xla"]
   )

@@ -166,11 +166,15 @@ def _output_transform_transpose(dy: jax.Array, m: int) -> jax.Array:
   return dm.reshape((m + 2) ** 2, -1, dy.shape[-1])
 
 
+def _kernel_matrix(kernel: jax.Array, m: int) -> jax.Array:
+  """G of F(m x m, 3 x 3) in the kernel's dtype, at least float32 (the kernel transforms')."""
+  return jnp.asarray(_TRANSFORMS[m][1], jnp.promote_types(kernel.dtype, jnp.float32))
+
+
 def _kernel_transform(kernel: jax.Array, m: int) -> jax.Array:
   """G g G^T of the kernel [3, 3, c_in, c_out], in float32 or wider: [(m + 2)**2, c_in, c_out]."""
-  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-  g = jnp.asarray(_TRANSFORMS[m][1], dtype)
-  u = jnp.einsum("ki,ijco,lj->klco", g, kernel.astype(dtype), g)
+  g = _kernel_matrix(kernel, m)
+  u = jnp.einsum("ki,ijco,lj->klco", g, kernel.astype(g.dtype), g)
   return u.reshape((m + 2) ** 2, *kernel.shape[2:])
 
 
@@ -206,10 +210,9 @@ def _conv3x3_backward(m, precision, residuals, dy):
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
   dx = _conv3x3(dy, flipped, m, precision)
   du = jnp.einsum("pnc,pno->pco", v, _output_transform_transpose(dy, m), precision=precision)
-  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-  g = jnp.asarray(_TRANSFORMS[m][1], dtype)
-  du = du.astype(dtype).reshape(m + 2, m + 2, *du.shape[1:])
-  dk = jnp.einsum("ki,klco,lj->ijco", g, du, g)
+  g = _kernel_matrix(kernel, m)
+  du = du.astype(g.dtype).reshape(m + 2, m + 2, *du.shape[1:])
+  dk = jnp.einsum("ki,klco,lj->ijco", g, du, g)  # The transpose of `_kernel_transform`.
   return dx, dk.astype(kernel.dtype)
 
 
