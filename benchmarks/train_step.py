@@ -55,6 +55,16 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: the config's).")
 flags.DEFINE_enum("conv", None, ("auto", "xla", "winograd"), "model.conv (default: the config's).")
+flags.DEFINE_bool(
+  "in_flight",
+  False,
+  "Time train steps as the trainer runs them: each call waits for the previous one only.",
+)
+flags.DEFINE_list(
+  "steps_per_call",
+  ["1"],
+  "train.steps_per_call values: train steps per dispatch, a row each (times are per step).",
+)
 
 
 def _row(name, batch, compile_s, times, flops, compiled_flops=None) -> dict:
@@ -104,28 +114,58 @@ def matmul_peak(n: int, dtype: str, warmup: int, repeats: int) -> dict:
   return _row(f"{dtype} matmul {n}x{n}", None, compile_s, times, 2.0 * n**3)
 
 
-def bench_train_step(run, count_run, state, batch_size: int, warmup: int, repeats: int):
+def bench_train_step(
+  run,
+  count_run,
+  state,
+  batch_size: int,
+  warmup: int,
+  repeats: int,
+  steps_per_call: int = 1,
+  in_flight: bool = False,
+):
   """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state).
 
   `count_run` is `run` with plain attention, direct convolutions and without remat: its FLOPs
-  are counted."""
+  are counted. With `steps_per_call` = k > 1, each call runs k steps in one dispatch (the
+  trainer's `train.steps_per_call`) and the row gives the time per step. Each call is waited
+  for before the next, unless `in_flight`: then each waits for the previous call only, as the
+  trainer does, so that dispatching a call overlaps the device's work on the one before."""
   parallel.check_batch_size(batch_size, run.mesh)
-  step_fn = train.compile_train_step(run)
   images = np.random.default_rng(batch_size).integers(
     0, 256, (batch_size, *run.image_shape), dtype=np.uint8
   )
   batch = parallel.put_batch({"image": images}, run.mesh)
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
+  step_fn = train.compile_train_step(run)
   counted = step_fn if count_run is run else train.compile_train_step(count_run)
-  compiled, compile_s, *flops = compile_counted(step_fn, counted, state, batch, train_key)
+  args = (state, batch, train_key)
+  if steps_per_call > 1:
+    step_fn = train.compile_train_step(run, steps_per_call=steps_per_call)
+    batches = np.broadcast_to(images, (steps_per_call, *images.shape))
+    batches = parallel.put_batch({"image": batches}, run.mesh, axis=1)
+    args = (state, batches, np.int32(steps_per_call), train_key)
+  flops = model_flops(counted, state, batch, train_key)
+  compiled, compile_s = timing.compile_timed(step_fn, *args)
+
+  pending = []
 
   def step():
     nonlocal state
-    state, metrics = compiled(state, batch, train_key)
-    jax.block_until_ready((state, metrics))
+    state, metrics = compiled(state, *args[1:])
+    if not in_flight:
+      jax.block_until_ready((state, metrics))
+      return
+    if pending:
+      jax.block_until_ready(pending.pop())
+    pending.append(metrics["loss"])
 
-  times = timing.timed(step, warmup, repeats)
-  return _row("train step", batch_size, compile_s, times, *flops), state
+  times = [t / steps_per_call for t in timing.timed(step, max(warmup, 1), repeats)]
+  jax.block_until_ready((state, pending))
+  name = "train step" + (f", {steps_per_call} per call (per step)" if steps_per_call > 1 else "")
+  name += ", one call in flight" if in_flight else ""
+  # XLA's cost analysis counts a loop's body once: per step either way.
+  return _row(name, batch_size, compile_s, times, flops, timing.flops(compiled)), state
 
 
 def bench_sample_call(run, count_run, params, batch_size: int, warmup: int, repeats: int) -> dict:
@@ -204,9 +244,13 @@ def main(argv):
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   rows = []
   for batch_size in batch_sizes:
-    log(f"train step, batch {batch_size}")
-    row, state = bench_train_step(run, count_run, state, batch_size, FLAGS.warmup, FLAGS.repeats)
-    rows.append(row)
+    for k in (int(k) for k in FLAGS.steps_per_call):
+      log(f"train step, batch {batch_size}, {k} per call")
+      row, state = bench_train_step(
+        run, count_run, state, batch_size, FLAGS.warmup, FLAGS.repeats, k, FLAGS.in_flight
+      )
+      rows.append(row)
+      log(format_table([row], peak_flops_per_s))
   if FLAGS.sample_batch:
     log(f"sampling network call, batch {FLAGS.sample_batch}")
     rows.append(

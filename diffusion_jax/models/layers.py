@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.groupnorm import GroupNorm
 from diffusion_jax.models.winograd import conv_general_dilated as winograd_conv
 
 # The original code initialises every kernel with variance scaling of scale 1 over the average of
@@ -75,20 +76,27 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
   return x.reshape(b, h * p, w * p, c // (p * p))
 
 
-def group_norm(num_groups: int, dtype, name: str) -> nn.GroupNorm:
+def group_norm(num_groups: int, dtype, name: str, act: str = "none") -> GroupNorm:
   """GroupNorm over the last axis with the original's epsilon; float32 scale and bias.
 
   Args:
     num_groups: groups; must divide the channel count of the input.
     dtype: compute dtype of the output.
     name: submodule name.
+    act: "swish" to apply swish in the same pass (the usual GroupNorm -> swish), or "none".
 
   Returns:
-    The (unbound) GroupNorm module; [B, H, W, C] -> [B, H, W, C].
+    The (unbound) GroupNorm module (flax's nn.GroupNorm parameters, one fused operation with a
+    hand-written gradient: `groupnorm.py`); [B, H, W, C] -> [B, H, W, C].
   """
-  # Flax computes the group statistics in float32 even for a bfloat16 compute dtype.
-  return nn.GroupNorm(
-    num_groups=num_groups, epsilon=_GROUPNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name
+  # Group statistics are float32 even for a bfloat16 compute dtype.
+  return GroupNorm(
+    num_groups=num_groups,
+    epsilon=_GROUPNORM_EPS,
+    act=act,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
   )
 
 
@@ -215,11 +223,11 @@ class ResBlock(nn.Module):
       [B, H, W, out_channels] activations in `dtype`.
     """
     out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
-    h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+    h = group_norm(self.num_groups, self.dtype, "norm1", act="swish")(x)
     h = conv3x3(out_channels, self.dtype, "conv1", conv=self.conv)(h)
     # The embedding MLP ends in a linear layer; each block applies the swish itself.
     h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+    h = group_norm(self.num_groups, self.dtype, "norm2", act="swish")(h)
     if train and self.dropout > 0 and dropout_keys is not None:
       h = per_example_dropout(h, dropout_keys, self.dropout, "/".join(self.scope.path))
     else:

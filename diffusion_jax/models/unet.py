@@ -346,7 +346,7 @@ class UNet(nn.Module):
         h = up(h)
     assert not skips, "every down-path output must be consumed by the up path"
 
-    h = nn.swish(layers.group_norm(cfg.num_groups, dtype, "norm_out")(h))
+    h = layers.group_norm(cfg.num_groups, dtype, "norm_out", act="swish")(h)
     h = layers.conv3x3(cfg.out_channels * p * p, dtype, "conv_out", zero=True, conv=cfg.conv)(h)
     if p > 1:
       h = layers.depth_to_space(h, p)
