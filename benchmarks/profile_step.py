@@ -18,6 +18,7 @@ the top operations.
 
 import collections
 import glob
+import gzip
 import os
 import re
 import shlex
@@ -43,6 +44,13 @@ flags.DEFINE_enum("what", "train", ("train", "sample"), "The train step or one s
 flags.DEFINE_integer("batch", 32, "Global batch.")
 flags.DEFINE_integer("top", 12, "Single operations listed after the table.")
 flags.DEFINE_string("top_kind", "", "List the longest operations of this kind only (a prefix).")
+flags.DEFINE_integer("groups", 12, "Groups of the elementwise time by JAX source listed.")
+flags.DEFINE_string(
+  "out_dir",
+  "",
+  "Also write every operation (ops.tsv: time, kind, result, source) and the compiled program "
+  "(hlo.txt.gz) there.",
+)
 
 _CATEGORIES = (
   "convolution, weight gradient",
@@ -102,7 +110,9 @@ def category(name: str, shape: str, source: str, target: str = "", computes: boo
   for key, kind in _TARGETS.items():
     if key in target:
       return kind
-  library = name.startswith(("convolution", "ynn_fusion", "xnn_fusion", "dot", "gemm_fusion"))
+  library = name.startswith(
+    ("convolution", "conv_general_dilated", "ynn_fusion", "xnn_fusion", "dot", "gemm_fusion")
+  )
   if library and computes:
     if re.match(r"\w+\[(\d+,3,3,\d+|3,3,\d+,\d+)\]$", shape):
       return _CATEGORIES[0]  # a 3x3 kernel's shape (XLA names no source for these)
@@ -112,6 +122,34 @@ def category(name: str, shape: str, source: str, target: str = "", computes: boo
   if name.startswith(("transpose", "copy")):
     return _CATEGORIES[4]
   return _CATEGORIES[5]
+
+
+_WRAPPERS = {"jit", "jvp", "vmap", "transpose", "checkpoint", "remat", "pjit", "lambda"}
+
+
+def source_group(source: str) -> str:
+  """ "<pass> <layer>" of an operation's JAX source, for summing the elementwise time.
+
+  The pass is backward (under `transpose(...)`), forward (elsewhere under `jvp(...)` or in the
+  network) or update (outside both: optimizer, EMA, metrics); the layer is the innermost named
+  module or function with its indices dropped ("norm", "conv", "temb_proj"; "block" for a
+  ResBlock's own operations: dropout, the residual sum)."""
+  source = source.split(";")[0]
+  phase = "backward" if "transpose(" in source else "forward"
+  if "jvp(" not in source and "UNet" not in source:
+    phase = "update"
+  parts = source.split("/")[:-1]  # the last part is the primitive
+  if parts and parts[0].startswith("jit("):
+    parts = parts[1:]  # the compiled function itself
+  names = [
+    name
+    for part in parts
+    for name in re.findall(r"[A-Za-z_]\w*", part)[-1:]
+    if name not in _WRAPPERS
+  ]
+  layer = re.sub(r"_?\d+", "", names[-1]) if names else "other"
+  layer = re.sub(r"^(down|up|mid)_?block$", "block", layer)
+  return f"{phase} {'other' if layer == 'UNet' else layer}"
 
 
 def trace_durations(trace_dir: str) -> collections.Counter:
@@ -212,7 +250,37 @@ def main(argv):
     shape, source, *_ = operations.get(name, ("", "", "", True))
     source = source.removeprefix("jit(").split(")/", 1)[-1]
     print(f"| {name} | `{shape}` | {source} | {timing.num(ns / 1e6)} |")
+  groups, sizes = collections.Counter(), collections.Counter()
+  for name, ns in durations.items():
+    info = operations.get(name, ("", "", "", True))
+    if category(name, *info) == _CATEGORIES[-1]:
+      groups[source_group(info[1])] += ns
+    us = ns / 1e3
+    sizes[
+      "< 5 µs" if us < 5 else "5–20 µs" if us < 20 else "20–100 µs" if us < 100 else "≥ 100 µs"
+    ] += 1
+  print(f"\nElementwise and reductions by JAX source, the {FLAGS.groups} largest:\n")
+  print("| pass and layer | ms |")
+  print("|---|--:|")
+  for group, ns in groups.most_common(FLAGS.groups):
+    print(f"| {group} | {timing.num(ns / 1e6)} |")
+  print("\nOperations by duration: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
+  if FLAGS.out_dir:
+    write_operations(FLAGS.out_dir, durations, operations, compiled.as_text())
   print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
+
+
+def write_operations(out_dir: str, durations, operations, hlo_text: str):
+  """ops.tsv (every operation, longest first) and hlo.txt.gz (the compiled program) in out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "ops.tsv"), "w") as f:
+    f.write("operation\tus\tkind\tresult\tsource\ttarget\n")
+    for name, ns in durations.most_common():
+      shape, source, target, computes = operations.get(name, ("", "", "", True))
+      kind = category(name, shape, source, target, computes)
+      f.write(f"{name}\t{ns / 1e3:.1f}\t{kind}\t{shape}\t{source}\t{target}\n")
+  with gzip.open(os.path.join(out_dir, "hlo.txt.gz"), "wt") as f:
+    f.write(hlo_text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """benchmarks/profile_step.py: how the operations of XLA's compiled program are told apart."""
 
+import collections
+
 from benchmarks import profile_step
 
 # The shape of XLA:CPU's optimized HLO: library fusions (`__ynn_fusion`) hold a convolution, a
@@ -56,3 +58,35 @@ def test_operations_without_hlo_keep_their_old_kinds():
   # A name the HLO lacks (the profile's own events) is judged by its name and shape alone.
   assert profile_step.category("ynn_fusion.9", "f32[128,3,3,128]", "").startswith("convolution, w")
   assert profile_step.category("ynn_fusion.9", "f32[64,64]", "", computes=False).startswith("elem")
+  # XLA:CPU's own convolutions keep JAX's name.
+  source = "jit(f)/jvp(UNet)/conv_out/conv_general_dilated"
+  assert profile_step.category("conv_general_dilated.4", "f32[8,16,16,3]", source).endswith(
+    "forward"
+  )
+
+
+def test_sources_are_grouped_by_pass_and_layer():
+  group = profile_step.source_group
+  assert group("jit(step)/transpose(jvp(UNet))/up_0_block_0/norm1/mul") == "backward norm"
+  assert group("jit(step)/jvp(UNet)/down_1_block_1/random_bits") == "forward block"
+  assert group("jit(f)/UNet/mid_block_1/attn/q/dot_general") == "forward q"
+  assert group("jit(step)/transpose(jvp(UNet))/up_1_upsample/conv/reduce_sum") == "backward conv"
+  assert group("jit(train_step)/mul") == "update other"
+
+
+def test_every_operation_and_the_program_are_written(tmp_path):
+  import gzip
+
+  operations = profile_step.hlo_operations(_HLO)
+  durations = collections.Counter({"ynn_fusion.2": 3000, "copy.1": 500, "ynn_fusion.1": 1500})
+  profile_step.write_operations(str(tmp_path), durations, operations, _HLO)
+  rows = (tmp_path / "ops.tsv").read_text().splitlines()
+  assert rows[0].split("\t")[:3] == ["operation", "us", "kind"]
+  assert [r.split("\t")[:2] for r in rows[1:]] == [
+    ["ynn_fusion.2", "3.0"],
+    ["ynn_fusion.1", "1.5"],
+    ["copy.1", "0.5"],
+  ]
+  assert rows[1].split("\t")[2] == "convolution, input gradient"
+  with gzip.open(tmp_path / "hlo.txt.gz", "rt") as f:
+    assert f.read() == _HLO
