@@ -72,20 +72,23 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
   # β̃ at t=0 is 0; its log would be -inf, so use β̃ at t=1 there (the t=0 step adds no noise).
   clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 else betas
   f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
-  return Schedule(
-    betas=f32(betas),
-    alphas_cumprod=f32(alphas_cumprod),
-    alphas_cumprod_prev=f32(alphas_cumprod_prev),
-    sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
-    sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
-    posterior_variance=f32(posterior_variance),
-    posterior_log_variance_clipped=f32(np.log(clipped)),
-    posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
-    posterior_mean_coef2=f32(
-      (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
-    ),
-    num_timesteps=len(betas),
-  )
+  # Concrete arrays also when built inside a traced function (jnp.asarray would stage them as
+  # tracers there), so that a Schedule can be cached and reused across traces.
+  with jax.ensure_compile_time_eval():
+    return Schedule(
+      betas=f32(betas),
+      alphas_cumprod=f32(alphas_cumprod),
+      alphas_cumprod_prev=f32(alphas_cumprod_prev),
+      sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
+      posterior_variance=f32(posterior_variance),
+      posterior_log_variance_clipped=f32(np.log(clipped)),
+      posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
+      posterior_mean_coef2=f32(
+        (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
+      ),
+      num_timesteps=len(betas),
+    )
 
 
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:

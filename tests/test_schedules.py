@@ -202,3 +202,21 @@ def test_unknown_schedule_name():
   message = str(excinfo.value)
   assert "linear" in message
   assert "cosine" in message
+
+
+def test_a_schedule_built_inside_a_trace_holds_concrete_arrays():
+  """So that a cached Schedule first built under jit is reused by later traces, not leaked."""
+  built = []
+
+  @jax.jit
+  def scaled(x):
+    built.append(schedules.make_schedule("cosine", 10))
+    return x * built[-1].betas[3]
+
+  eager = schedules.make_schedule("cosine", 10)
+  np.testing.assert_allclose(scaled(2.0), 2.0 * eager.betas[3], rtol=1e-6)
+  for leaf in jax.tree.leaves(built[0]):
+    assert not isinstance(leaf, jax.core.Tracer)
+  np.testing.assert_array_equal(built[0].alphas_cumprod, eager.alphas_cumprod)
+  # Reused in another trace: a leaked tracer would raise UnexpectedTracerError here.
+  np.testing.assert_allclose(jax.jit(lambda x: x + built[0].betas[3])(1.0), 1.0 + eager.betas[3])
