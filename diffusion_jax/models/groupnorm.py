@@ -34,15 +34,19 @@ def _compute_dtype(x: jax.Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _spatial_sum(x: jax.Array) -> jax.Array:
+  """[B, ..., C] -> [B, C]: the sum over the axes between the first and the last."""
+  return jnp.sum(x, tuple(range(1, x.ndim - 1)))
+
+
 def _stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
   """(mean, 1 / std) per example and group, [B, G] in the compute dtype, of x [B, ..., C]."""
   b, c = x.shape[0], x.shape[-1]
-  axes = tuple(range(1, x.ndim - 1))
   xf = x.astype(_compute_dtype(x))
   count = math.prod(x.shape[1:-1]) * (c // num_groups)
   per_group = lambda s: s.reshape(b, num_groups, c // num_groups).sum(-1) / count
-  mean = per_group(jnp.sum(xf, axes))
-  var = jnp.maximum(per_group(jnp.sum(jnp.square(xf), axes)) - jnp.square(mean), 0.0)
+  mean = per_group(_spatial_sum(xf))
+  var = jnp.maximum(per_group(_spatial_sum(jnp.square(xf))) - jnp.square(mean), 0.0)
   return mean, lax.rsqrt(var + epsilon)
 
 
@@ -100,7 +104,6 @@ def _backward(num_groups, epsilon, act, dtype, residuals, dy):
   del epsilon, dtype
   x, scale, bias, mean, rstd = residuals
   b, c = x.shape[0], x.shape[-1]
-  axes = tuple(range(1, x.ndim - 1))
   xf = x.astype(_compute_dtype(x))
   a, shift = _affine(x, scale, bias, mean, rstd)
   z = xf * a + shift
@@ -109,10 +112,10 @@ def _backward(num_groups, epsilon, act, dtype, residuals, dy):
     s = jax.nn.sigmoid(z)
     dz = dz * (s * (1.0 + z * (1.0 - s)))
   # Per (example, channel): sum dz and sum dz * x_hat, with x_hat = (x - mean) * rstd.
-  sum_dz = jnp.sum(dz, axes)
+  sum_dz = _spatial_sum(dz)
   rstd_c = _per_channel(rstd, 2, c)
   mean_c = _per_channel(mean, 2, c)
-  sum_dz_xhat = rstd_c * (jnp.sum(dz * xf, axes) - mean_c * sum_dz)
+  sum_dz_xhat = rstd_c * (_spatial_sum(dz * xf) - mean_c * sum_dz)
   dbias = jnp.sum(sum_dz, 0)
   dscale = jnp.sum(sum_dz_xhat, 0)
   # dx = rstd * (g - mean_G(g) - x_hat * mean_G(g * x_hat)) with g = dz * scale.
