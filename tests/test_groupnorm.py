@@ -75,7 +75,7 @@ def test_bfloat16_activations_keep_float32_statistics():
     assert np.max(np.abs(actual - want)) <= tol * np.max(np.abs(want))
 
 
-def test_module_has_flax_parameters_and_checks_groups():
+def test_module_has_flax_parameters_and_checks_its_arguments():
   x = jnp.ones((2, 4, 4, 12), jnp.float32)
   ours = layers.group_norm(4, jnp.float32, "norm", act="swish").init(jax.random.key(0), x)
   theirs = nn.GroupNorm(num_groups=4).init(jax.random.key(0), x)
@@ -85,3 +85,5 @@ def test_module_has_flax_parameters_and_checks_groups():
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
   with pytest.raises(ValueError, match="5 groups do not divide 12 channels"):
     groupnorm.GroupNorm(num_groups=5).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="unknown act 'relu'; valid: none, swish"):
+    groupnorm.GroupNorm(num_groups=4, act="relu").init(jax.random.key(0), x)

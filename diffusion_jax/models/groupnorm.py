@@ -153,6 +153,8 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f"GroupNorm: unknown act {self.act!r}; valid: {', '.join(ACTIVATIONS)}")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.act, self.dtype)
