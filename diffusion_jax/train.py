@@ -92,13 +92,57 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Sch
   return schedule
 
 
+def global_norm(tree: Any) -> jax.Array:
+  """The float32 l2 norm of all the leaves of `tree` together, as optax.tree.norm."""
+  return flat_copy_and_norm(tree)[1]
+
+
+def flat_copy_and_norm(tree: Any) -> tuple[Any, jax.Array]:
+  """(`tree` read back from one flat float32 copy of its leaves, their global l2 norm).
+
+  The leaves are concatenated into one vector, kept whole by an optimization barrier, and summed
+  in one reduction. Summed leaf by leaf, XLA makes a reduction kernel (large leaves: two) for each
+  of the U-Net's 328 parameters: about 550 of the 2,600 kernels of the CIFAR-10 step on a GPU,
+  each a few microseconds for a few kilobytes of data. The copy is in the leaves' own index
+  order, which lets the optimizer update read the convolutions' gradients without transposing
+  them (cuDNN returns them in [out, h, w, in] order).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree, jnp.zeros((), jnp.float32)
+  flat = jax.lax.optimization_barrier(
+    jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves])
+  )
+  pieces = jnp.split(flat, np.cumsum([x.size for x in leaves])[:-1])
+  copy = [p.reshape(x.shape).astype(x.dtype) for p, x in zip(pieces, leaves, strict=True)]
+  return treedef.unflatten(copy), jnp.sqrt(jnp.sum(jnp.square(flat)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (the same state and result) with the norm from `global_norm`.
+
+  `update(..., grad_norm=n)` takes the gradients' norm when the caller has it already.
+  """
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = global_norm(updates) if grad_norm is None else grad_norm
+    clip = lambda g: jax.lax.select(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam on `learning_rate_schedule`, after global-norm clipping."""
+  """Adam on `learning_rate_schedule`, after global-norm clipping.
+
+  `update` takes the keyword `grad_norm`: the gradients' global norm, when the caller has it.
+  """
   lr = learning_rate_schedule(train_config)
   adam = optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
   if train_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adam)
-  return adam
+    return optax.chain(clip_by_global_norm(train_config.grad_clip), adam)
+  return optax.with_extra_args_support(adam)
 
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -302,7 +346,9 @@ def train_step(
     return jnp.mean(per_example), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grads, grad_norm = flat_copy_and_norm(grads)
+  extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up, min(decay, (1 + s) / (10 + s)), so early samples are usable.
   decay = jnp.minimum(train_config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -319,8 +365,8 @@ def train_step(
   )
   metrics = {
     "loss": loss,
-    "grad_norm": optax.tree.norm(grads),
-    "param_norm": optax.tree.norm(params),
+    "grad_norm": grad_norm,
+    "param_norm": global_norm(params),
     "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
   if loss_type != "simple":

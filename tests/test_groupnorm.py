@@ -30,13 +30,18 @@ def inputs(shape, seed, offset=0.5):
   return x, np_rng.normal(size=c), np_rng.normal(size=c), np_rng.normal(size=shape)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("act", groupnorm.ACTIVATIONS)
 @pytest.mark.parametrize(
   "shape, num_groups",
   [((3, 5, 7, 8), 4), ((2, 6, 6, 12), 3), ((2, 9, 16), 8), ((2, 4, 4, 32), 32), ((2, 3, 3, 6), 1)],
 )
-def test_forward_and_gradients_equal_flax_in_float64(shape, num_groups, act):
-  """Exact arithmetic: the hand-written gradient is the gradient of flax's GroupNorm."""
+def test_forward_and_gradients_equal_flax_in_float64(
+  shape, num_groups, act, recompute, monkeypatch
+):
+  """Exact arithmetic: the hand-written gradient is the gradient of flax's GroupNorm, whether
+  the backward pass keeps dz (CPUs) or recomputes it (GPUs, TPUs)."""
+  monkeypatch.setattr(groupnorm, "recompute_dz", lambda: recompute)
   x, scale, bias, w = inputs(shape, sum(shape) + num_groups)
   with jax.enable_x64():
     args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))

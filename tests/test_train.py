@@ -237,6 +237,57 @@ def test_train_step_metrics(step_setup):
   assert float(metrics["loss"]) > 0 and float(metrics["grad_norm"]) > 0
 
 
+def mixed_tree(seed, scale=1.0):
+  """A tree of float32 leaves of several shapes, like a network's parameters or gradients."""
+  np_rng = np.random.default_rng(seed)
+  shapes = {"conv": (3, 3, 4, 5), "bias": (5,), "dense": (7, 3), "scalar": ()}
+  return {k: jnp.asarray(scale * np_rng.normal(size=v), jnp.float32) for k, v in shapes.items()}
+
+
+def test_global_norm_and_its_flat_copy():
+  """The norm of all leaves together, as float64 arithmetic gives it; the copy read back from
+  the flat vector is the tree itself, bit for bit, and an empty tree has norm 0."""
+  tree = mixed_tree(0)
+  copy, norm = jax.jit(train.flat_copy_and_norm)(tree)
+  assert_bitwise_equal(copy, tree)
+  assert norm.dtype == jnp.float32
+  assert float(norm) == pytest.approx(global_norm64(tree), rel=1e-6)
+  assert float(train.global_norm(tree)) == float(norm)
+  assert float(train.global_norm({})) == 0.0
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # global norm below / above the threshold
+def test_clip_by_global_norm_equals_optax(scale):
+  """Same state and same clipped gradients as optax's, whether it computes the norm itself or is
+  handed it; the whole optimizer of the config accepts the norm with or without clipping."""
+  import optax
+
+  grads, params = mixed_tree(1, scale), mixed_tree(2)
+  ours, theirs = train.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  state = ours.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(theirs.init(params))
+  expected, _ = theirs.update(grads, theirs.init(params))
+  for kwargs in ({}, {"grad_norm": train.global_norm(grads)}):
+    clipped, new_state = ours.update(grads, state, params, **kwargs)
+    assert new_state == state
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+  if scale < 1:
+    assert_bitwise_equal(clipped, grads)  # below the threshold: untouched
+  else:
+    assert global_norm64(clipped) == pytest.approx(1.0, rel=1e-6)
+  for clip in (1.0, 0.0):
+    config = ml_collections.ConfigDict(
+      {"learning_rate": 1e-3, "warmup_steps": 0, "num_steps": 10, "cooldown_steps": 0}
+    )
+    config.update(adam_b1=0.9, adam_b2=0.99, adam_eps=1e-8, grad_clip=clip)
+    tx = train.make_optimizer(config)
+    opt_state = tx.init(params)
+    with_norm = tx.update(grads, opt_state, params, grad_norm=train.global_norm(grads))
+    without = tx.update(grads, opt_state, params)
+    assert_bitwise_equal(with_norm, without)
+
+
 @pytest.mark.parametrize("step", [0, 1, 2, 5])
 def test_learning_rate_follows_the_linear_warmup(step_setup, step):
   s = step_setup

@@ -9,9 +9,10 @@ This version makes as few passes as the arithmetic allows:
   y = act(x * a + b) with a per-(example, channel) affine (one read, one write);
 - backward: the gradient through the activation and the two per-(example, channel) sums it needs,
   sum dz and sum dz * x (one read of x and dy), then dx = dz * a' + x * b' + c' (one more read of
-  both, one write). Only x and [B, C]-sized statistics are kept between the passes, where
-  autodiff of the plain formula keeps x - mean in float32 (XLA's temporary memory of the
-  CIFAR-10 train step drops by 9% on a CPU).
+  both and one write; on GPUs and TPUs it recomputes dz rather than keep it in float32, see
+  `recompute_dz`). Only x and [B, C]-sized statistics are kept between the forward and the
+  backward pass, where autodiff of the plain formula keeps x - mean in float32 (XLA's temporary
+  memory of the CIFAR-10 train step drops by 9% on a CPU).
 
 The statistics are float32 whatever the activations' dtype, as in flax's GroupNorm, whose
 parameters ("scale", "bias") and function this computes up to float rounding; the variance is
@@ -100,22 +101,40 @@ def _forward(x, scale, bias, num_groups, epsilon, act, dtype):
   return y, (x, scale, bias, mean, rstd)
 
 
+def recompute_dz() -> bool:
+  """Whether the backward pass recomputes dz for dx rather than keeping it from the sums' pass.
+
+  Where memory bandwidth is the limit (GPUs, TPUs) recomputing is cheaper: XLA's program for an
+  H100 moves 1.8 GB less per CIFAR-10 step. On a CPU the arithmetic (the sigmoid) is the limit:
+  recomputing made the float32 step 6% slower on 2 cores (benchmarks/RESULTS.md). Decided when
+  the step is traced.
+  """
+  return jax.default_backend() != "cpu"
+
+
+def _grad_z(x, dy, scale, bias, mean, rstd, act):
+  """(x, a, dz) in the compute dtype: x, the normalisation's per-channel factor, dL/d(x * a + b)."""
+  xf = x.astype(_compute_dtype(x))
+  a, shift = _affine(x, scale, bias, mean, rstd)
+  dz = dy.astype(xf.dtype)
+  if act == "swish":
+    z = xf * a + shift
+    s = jax.nn.sigmoid(z)
+    dz = dz * (s * (1.0 + z * (1.0 - s)))
+  return xf, a, dz
+
+
 def _backward(num_groups, epsilon, act, dtype, residuals, dy):
   del epsilon, dtype
   x, scale, bias, mean, rstd = residuals
   b, c = x.shape[0], x.shape[-1]
-  xf = x.astype(_compute_dtype(x))
-  a, shift = _affine(x, scale, bias, mean, rstd)
-  z = xf * a + shift
-  dz = dy.astype(xf.dtype)
-  if act == "swish":
-    s = jax.nn.sigmoid(z)
-    dz = dz * (s * (1.0 + z * (1.0 - s)))
-  # Per (example, channel): sum dz and sum dz * x_hat, with x_hat = (x - mean) * rstd.
-  sum_dz = _spatial_sum(dz)
-  rstd_c = _per_channel(rstd, 2, c)
-  mean_c = _per_channel(mean, 2, c)
-  sum_dz_xhat = rstd_c * (_spatial_sum(dz * xf) - mean_c * sum_dz)
+  xf, a, dz = _grad_z(x, dy, scale, bias, mean, rstd, act)
+  # Per (example, channel): sum dz and sum dz * x. The barrier keeps them as computed here: XLA
+  # would otherwise fold the sums over the batch below (dbias, dscale) into reductions of their
+  # own over the whole activation, for which it keeps dz, a float32 copy of it, in memory.
+  sum_dz, sum_dz_x = lax.optimization_barrier((_spatial_sum(dz), _spatial_sum(dz * xf)))
+  # sum dz * x_hat, with x_hat = (x - mean) * rstd.
+  sum_dz_xhat = _per_channel(rstd, 2, c) * (sum_dz_x - _per_channel(mean, 2, c) * sum_dz)
   dbias = jnp.sum(sum_dz, 0)
   dscale = jnp.sum(sum_dz_xhat, 0)
   # dx = rstd * (g - mean_G(g) - x_hat * mean_G(g * x_hat)) with g = dz * scale.
@@ -124,6 +143,11 @@ def _backward(num_groups, epsilon, act, dtype, residuals, dy):
   m1, m2 = per_group(sum_dz), per_group(sum_dz_xhat)
   k_x = _per_channel(-jnp.square(rstd) * m2, x.ndim, c)
   k_0 = _per_channel(rstd * (rstd * mean * m2 - m1), x.ndim, c)
+  if recompute_dz():
+    # The second pass recomputes dz from x and dy (the barrier stops XLA from sharing the first
+    # pass's): reading both again costs less than writing and reading dz in float32.
+    x, dy, k_x, k_0 = lax.optimization_barrier((x, dy, k_x, k_0))
+    xf, a, dz = _grad_z(x, dy, scale, bias, mean, rstd, act)
   dx = dz * a + xf * k_x + k_0
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
