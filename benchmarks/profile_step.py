@@ -124,34 +124,6 @@ def category(name: str, shape: str, source: str, target: str = "", computes: boo
   return _CATEGORIES[5]
 
 
-_WRAPPERS = {"jit", "jvp", "vmap", "transpose", "checkpoint", "remat", "pjit", "lambda"}
-
-
-def source_group(source: str) -> str:
-  """ "<pass> <layer>" of an operation's JAX source, for summing the elementwise time.
-
-  The pass is backward (under `transpose(...)`), forward (elsewhere under `jvp(...)` or in the
-  network) or update (outside both: optimizer, EMA, metrics); the layer is the innermost named
-  module or function with its indices dropped ("norm", "conv", "temb_proj"; "block" for a
-  ResBlock's own operations: dropout, the residual sum)."""
-  source = source.split(";")[0]
-  phase = "backward" if "transpose(" in source else "forward"
-  if "jvp(" not in source and "UNet" not in source:
-    phase = "update"
-  parts = source.split("/")[:-1]  # the last part is the primitive
-  if parts and parts[0].startswith("jit("):
-    parts = parts[1:]  # the compiled function itself
-  names = [
-    name
-    for part in parts
-    for name in re.findall(r"[A-Za-z_]\w*", part)[-1:]
-    if name not in _WRAPPERS
-  ]
-  layer = re.sub(r"_?\d+", "", names[-1]) if names else "other"
-  layer = re.sub(r"^(down|up|mid)_?block$", "block", layer)
-  return f"{phase} {'other' if layer == 'UNet' else layer}"
-
-
 def trace_durations(trace_dir: str) -> collections.Counter:
   """{operation name: summed duration in ns} over the trace's GPU kernels, else CPU threads."""
   (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
@@ -254,7 +226,7 @@ def main(argv):
   for name, ns in durations.items():
     info = operations.get(name, ("", "", "", True))
     if category(name, *info) == _CATEGORIES[-1]:
-      groups[source_group(info[1])] += ns
+      groups[timing.source_group(info[1])] += ns
     us = ns / 1e3
     sizes[
       "< 5 µs" if us < 5 else "5–20 µs" if us < 20 else "20–100 µs" if us < 100 else "≥ 100 µs"

@@ -1,6 +1,8 @@
-"""Timing helpers shared by the benchmark scripts: compile time, repeated calls, table cells."""
+"""Helpers shared by the benchmark scripts: compile time, repeated calls, table cells, and the
+grouping of XLA operations by their JAX source."""
 
 import math
+import re
 import statistics
 import time
 
@@ -41,3 +43,31 @@ def num(x: float) -> str:
 def median_range(values: list[float]) -> str:
   """The median (min–max) of `values`."""
   return f"{num(statistics.median(values))} ({num(min(values))}–{num(max(values))})"
+
+
+_WRAPPERS = {"jit", "jvp", "vmap", "transpose", "checkpoint", "remat", "pjit", "lambda"}
+
+
+def source_group(source: str) -> str:
+  """ "<pass> <layer>" of an operation's JAX source, for summing the elementwise time.
+
+  The pass is backward (under `transpose(...)`), forward (elsewhere under `jvp(...)` or in the
+  network) or update (outside both: optimizer, EMA, metrics); the layer is the innermost named
+  module or function with its indices dropped ("norm", "conv", "temb_proj"; "block" for a
+  ResBlock's own operations: dropout, the residual sum)."""
+  source = source.split(";")[0]
+  phase = "backward" if "transpose(" in source else "forward"
+  if "jvp(" not in source and "UNet" not in source:
+    phase = "update"
+  parts = source.split("/")[:-1]  # the last part is the primitive
+  if parts and parts[0].startswith("jit("):
+    parts = parts[1:]  # the compiled function itself
+  names = [
+    name
+    for part in parts
+    for name in re.findall(r"[A-Za-z_]\w*", part)[-1:]
+    if name not in _WRAPPERS
+  ]
+  layer = re.sub(r"_?\d+", "", names[-1]) if names else "other"
+  layer = re.sub(r"^(down|up|mid)_?block$", "block", layer)
+  return f"{phase} {'other' if layer == 'UNet' else layer}"

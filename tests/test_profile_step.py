@@ -2,7 +2,7 @@
 
 import collections
 
-from benchmarks import profile_step
+from benchmarks import profile_step, timing
 
 # The shape of XLA:CPU's optimized HLO: library fusions (`__ynn_fusion`) hold a convolution, a
 # matrix product, or only a reduction.
@@ -66,7 +66,7 @@ def test_operations_without_hlo_keep_their_old_kinds():
 
 
 def test_sources_are_grouped_by_pass_and_layer():
-  group = profile_step.source_group
+  group = timing.source_group
   assert group("jit(step)/transpose(jvp(UNet))/up_0_block_0/norm1/mul") == "backward norm"
   assert group("jit(step)/jvp(UNet)/down_1_block_1/random_bits") == "forward block"
   assert group("jit(f)/UNet/mid_block_1/attn/q/dot_general") == "forward q"
