@@ -14,9 +14,17 @@ cuDNN and cuBLAS calls told apart by their custom-call target. On a CPU the oper
 pool of threads and one operation may use several, so the times are thread time: their sum
 exceeds the step's wall time, and the shares are what to compare. Prints a Markdown table and
 the top operations.
+
+On a GPU it also lists the memory-bound operations (all but cuDNN, cuBLAS and GEMM fusions)
+that run furthest below the memory's copy rate (`--bandwidth`): each one's bytes come from the
+compiled program (`gpu_compile.kernels`), its time from the trace. `--from_dir` prints that table
+from the ops.tsv and hlo.txt.gz that `--out_dir` wrote on a GPU, on any machine, running nothing:
+  python benchmarks/profile_step.py --from_dir=/tmp/h100_profile
 """
 
 import collections
+import csv
+import dataclasses
 import glob
 import gzip
 import os
@@ -33,7 +41,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import gpu_compile, timing  # noqa: E402
 from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -51,6 +59,16 @@ flags.DEFINE_string(
   "Also write every operation (ops.tsv: time, kind, result, source) and the compiled program "
   "(hlo.txt.gz) there.",
 )
+flags.DEFINE_string(
+  "from_dir",
+  "",
+  "Print only the operations furthest below --bandwidth, from the ops.tsv and hlo.txt.gz that "
+  "--out_dir wrote on a GPU; compiles and runs nothing.",
+)
+flags.DEFINE_float(
+  "bandwidth", 3.0e12, "Copy rate in bytes/s that GPU operations are compared with (an H100's)."
+)
+flags.DEFINE_integer("slow", 15, "Operations furthest below --bandwidth listed (GPU only).")
 
 _CATEGORIES = (
   "convolution, weight gradient",
@@ -139,6 +157,59 @@ def trace_durations(trace_dir: str) -> collections.Counter:
   return durations
 
 
+@dataclasses.dataclass(frozen=True)
+class SlowOperation:
+  name: str
+  shape: str
+  source: str
+  us: float
+  bytes: int  # read and written, as gpu_compile.kernels counts them
+  excess_us: float  # us - bytes / bandwidth: the time over what the copy rate allows
+
+
+def below_copy_rate(
+  durations_us: dict[str, float], hlo_text: str, bandwidth: float
+) -> list[SlowOperation]:
+  """The memory-bound operations of a GPU program, the most time over `bandwidth` first."""
+  kernels = {k.name: k for k in gpu_compile.kernels(hlo_text)}
+  slow = []
+  for name, us in durations_us.items():
+    kernel = kernels.get(name)
+    if kernel is None or kernel.library:
+      continue
+    excess = us - 1e6 * kernel.bytes / bandwidth
+    slow.append(SlowOperation(name, kernel.shape, kernel.source, us, kernel.bytes, excess))
+  return sorted(slow, key=lambda op: -op.excess_us)
+
+
+def print_below_copy_rate(slow: list[SlowOperation], bandwidth: float, top: int):
+  total_us = sum(op.us for op in slow)
+  moved = sum(op.bytes for op in slow)
+  print(
+    f"\nMemory-bound operations: {len(slow)}, {timing.num(total_us / 1e3)} ms moving "
+    f"{moved / 1e9:.2f} GB ({timing.num(moved / total_us / 1e6)} TB/s on average); at "
+    f"{bandwidth / 1e12:g} TB/s they would take {timing.num(1e3 * moved / bandwidth)} ms. The "
+    f"{top} furthest below that rate:\n"
+  )
+  print("| operation | result | JAX source | µs | MB | TB/s | µs over |")
+  print("|---|---|---|--:|--:|--:|--:|")
+  for op in slow[:top]:
+    source = op.source.removeprefix("jit(").split(")/", 1)[-1]
+    shape = op.shape if len(op.shape) <= 60 else op.shape[:57] + "..."
+    print(
+      f"| {op.name} | `{shape}` | {source} | {op.us:.1f} | {op.bytes / 1e6:.1f} "
+      f"| {op.bytes / op.us / 1e6:.2f} | {op.excess_us:.1f} |"
+    )
+
+
+def read_operations(out_dir: str) -> tuple[dict[str, float], str]:
+  """({operation: µs}, HLO text) from the files `write_operations` wrote."""
+  with open(os.path.join(out_dir, "ops.tsv")) as f:
+    durations = {row["operation"]: float(row["us"]) for row in csv.DictReader(f, delimiter="\t")}
+  with gzip.open(os.path.join(out_dir, "hlo.txt.gz"), "rt") as f:
+    return durations, f.read()
+
+
 def compiled_program(run, config):
   """(compiled function, its arguments) of the train step or of one sampling network call."""
   init = jax.jit(
@@ -163,6 +234,13 @@ def compiled_program(run, config):
 
 def main(argv):
   del argv
+  if FLAGS.from_dir:
+    durations, hlo_text = read_operations(FLAGS.from_dir)
+    print_below_copy_rate(
+      below_copy_rate(durations, hlo_text, FLAGS.bandwidth), FLAGS.bandwidth, FLAGS.slow
+    )
+    print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
+    return
   config = FLAGS.config
   hostmem.configure(config.get("reuse_host_memory", False))  # Before JAX starts its CPU client.
   run = train.make_run(config)
@@ -237,6 +315,10 @@ def main(argv):
   for group, ns in groups.most_common(FLAGS.groups):
     print(f"| {group} | {timing.num(ns / 1e6)} |")
   print("\nOperations by duration: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
+  if gpu:
+    durations_us = {name: ns / 1e3 for name, ns in durations.items()}
+    slow = below_copy_rate(durations_us, compiled.as_text(), FLAGS.bandwidth)
+    print_below_copy_rate(slow, FLAGS.bandwidth, FLAGS.slow)
   if FLAGS.out_dir:
     write_operations(FLAGS.out_dir, durations, operations, compiled.as_text())
   print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")

@@ -294,6 +294,7 @@ def train_step(
   cond_kind: str = "none",
   cond_drop_prob: float = 0.0,
   num_classes: int = 0,
+  param_norm: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the training loss; pure.
 
@@ -311,10 +312,13 @@ def train_step(
     cond_drop_prob: the probability that an example's condition is replaced by the null one
       (drawn from the example's key), which trains the unconditional model for guidance.
     num_classes: the null label of a class-conditional model.
+    param_norm: include the metric param_norm (one pass over the parameters); the jitted step
+      of `compile_train_step` adds it once per call instead.
 
   Returns:
-    (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm, lr, and for
-    the hybrid and vlb losses mse and/or vlb (bits/dim of the sampled term).
+    (new state, metrics): metrics are float32 scalars loss, grad_norm, param_norm (the new
+    parameters'), lr, and for the hybrid and vlb losses mse and/or vlb (bits/dim of the sampled
+    term).
   """
   x0 = data.normalize_images(batch["image"])
   step_key = jax.random.fold_in(train_key, state.step)
@@ -366,9 +370,10 @@ def train_step(
   metrics = {
     "loss": loss,
     "grad_norm": grad_norm,
-    "param_norm": global_norm(params),
     "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
+  if param_norm:
+    metrics["param_norm"] = global_norm(params)
   if loss_type != "simple":
     metrics.update({name: jnp.mean(terms[name]) for name in ("mse", "vlb") if name in terms})
   return new_state, metrics
@@ -507,6 +512,7 @@ def compile_train_step(run: Run, num_seeds: int | None = None, steps_per_call: i
     cond_kind=run.cond_kind,
     cond_drop_prob=run.config.train.get("cond_drop_prob", 0.0),
     num_classes=run.num_classes,
+    param_norm=False,
   )
   if num_seeds:
     step = jax.vmap(step) if seed_batching(run.config) == "vmap" else _unrolled(step, num_seeds)
@@ -517,11 +523,25 @@ def compile_train_step(run: Run, num_seeds: int | None = None, steps_per_call: i
     batch_sharding = parallel.batch_sharded(run.mesh, axis=2 if num_seeds else 1)
     in_shardings = (parallel.replicated(run.mesh), batch_sharding, None, None)
   return jax.jit(
-    step,
+    _with_param_norm(step, num_seeds),
     donate_argnums=(0,),
     in_shardings=in_shardings,
     out_shardings=(parallel.replicated(run.mesh), parallel.replicated(run.mesh)),
   )
+
+
+def _with_param_norm(step, num_seeds: int | None):
+  """`step` with the metric param_norm of the state it returns (per seed with `num_seeds`).
+
+  Computed once per call: in a loop of k steps, only the last step's metrics are returned.
+  """
+  norm = jax.vmap(global_norm) if num_seeds else global_norm
+
+  def with_norm(*args):
+    state, metrics = step(*args)
+    return state, {**metrics, "param_norm": norm(state.params)}
+
+  return with_norm
 
 
 def _looped(step):

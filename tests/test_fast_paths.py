@@ -90,6 +90,13 @@ def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
   moved = update_difference(state0.params, jax.device_get(state.params), once[0].params)
   assert moved < 1e-4
   assert math.isclose(float(once[1]["loss"]), losses[-1], rel_tol=1e-5)
+  # param_norm, added once per call, is the norm of the parameters the call returns.
+  assert math.isclose(
+    float(once[1]["param_norm"]), np.linalg.norm(flat(once[0].params)), rel_tol=1e-5
+  )
+  assert math.isclose(
+    float(metrics["param_norm"]), np.linalg.norm(flat(jax.device_get(state.params))), rel_tol=1e-5
+  )
   # ... and the steps really differ from each other (different batches and keys).
   assert len(set(losses)) == 3
 

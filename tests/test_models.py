@@ -356,3 +356,25 @@ def test_space_to_depth_layout_and_inverse():
     start = (2 * r + c) * 3
     np.testing.assert_array_equal(folded[:, i, j, start : start + 3], x[:, 2 * i + r, 2 * j + c])
   np.testing.assert_array_equal(layers.depth_to_space(folded, 2), x)
+
+
+def test_held_branch_gradient_changes_no_gradient(monkeypatch):
+  """`layers.residual` off the CPU: the same function and gradient, a barrier per block."""
+  config = _config()
+  x, t = _inputs(seed=4)
+  params = _random_params(config, x, t)
+  loss = lambda p: jnp.sum(jnp.square(models.UNet(config).apply({"params": p}, x, t)))
+
+  def grads_and_barriers(held):
+    monkeypatch.setattr(layers, "hold_branch_gradient", lambda h: held)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    return jax.jit(jax.grad(loss))(params), jaxpr.count("optimization_barrier")
+
+  plain, plain_barriers = grads_and_barriers(False)
+  held, held_barriers = grads_and_barriers(True)
+  blocks = sum(1 for name in params if "_block_" in name or "_attn_" in name)
+  assert blocks > 0 and held_barriers - plain_barriers == blocks
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(held), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+  monkeypatch.undo()
+  assert layers.hold_branch_gradient(x) is (jax.default_backend() != "cpu")

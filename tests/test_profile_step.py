@@ -90,3 +90,55 @@ def test_every_operation_and_the_program_are_written(tmp_path):
   assert rows[1].split("\t")[2] == "convolution, input gradient"
   with gzip.open(tmp_path / "hlo.txt.gz", "rt") as f:
     assert f.read() == _HLO
+
+
+# XLA:GPU's optimized HLO: a reduction fusion, a cuDNN call and a copy.
+_GPU_HLO = """\
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%x, %y)
+}
+
+%fused_reduce (param_0: bf16[8,4,4,16]) -> f32[8,16] {
+  %param_0 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %convert.1 = f32[8,4,4,16]{3,2,1,0} convert(%param_0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[8,16]{1,0} reduce(%convert.1, %constant.1), dimensions={1,2}, to_apply=%add
+}
+
+ENTRY %main (p0: bf16[8,4,4,16], p1: bf16[16,3,3,16], p2: f32[10]) -> f32[8,16] {
+  %p0 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %p1 = bf16[16,3,3,16]{3,2,1,0} parameter(1)
+  %p2 = f32[10]{0} parameter(2)
+  %input_reduce_fusion = f32[8,16]{1,0} fusion(%p0), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(f)/UNet/norm/reduce_sum"}
+  %cudnn-conv = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward"
+  %copy.1 = f32[10]{0} copy(%p2)
+  ROOT %out = f32[8,16]{1,0} bitcast(%input_reduce_fusion)
+}
+"""  # noqa: E501 (HLO writes one instruction per line)
+
+
+def test_memory_bound_operations_against_the_copy_rate(tmp_path):
+  durations_ns = collections.Counter(
+    {"input_reduce_fusion": 10_000, "cudnn-conv": 50_000, "copy.1": 1_000, "not.in.hlo": 3_000}
+  )
+  operations = profile_step.hlo_operations(_GPU_HLO)
+  profile_step.write_operations(str(tmp_path), durations_ns, operations, _GPU_HLO)
+  durations_us, hlo_text = profile_step.read_operations(str(tmp_path))
+  assert hlo_text == _GPU_HLO
+  assert durations_us == {
+    "cudnn-conv": 50.0,
+    "input_reduce_fusion": 10.0,
+    "not.in.hlo": 3.0,
+    "copy.1": 1.0,
+  }
+  # At 1 GB/s a byte takes 1 ns. The cuDNN call is compute-bound and left out, as is an operation
+  # the program does not hold.
+  slow = profile_step.below_copy_rate(durations_us, hlo_text, bandwidth=1e9)
+  assert [op.name for op in slow] == ["input_reduce_fusion", "copy.1"]
+  reduce, copy = slow
+  assert reduce.bytes == 8 * 4 * 4 * 16 * 2 + 8 * 16 * 4  # bf16 in, float32 out
+  assert abs(reduce.excess_us - (10.0 - reduce.bytes / 1e3)) < 1e-9
+  assert (copy.bytes, round(copy.excess_us, 6)) == (80, 0.92)
+  assert reduce.source == "jit(f)/UNet/norm/reduce_sum"

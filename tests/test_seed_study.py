@@ -134,10 +134,14 @@ def test_seed_study_step_with_dropout_matches_single_steps(tiny_config, seed_bat
     state, metrics = stacked(state, batch, jnp.stack(keys))
     losses.append(np.asarray(metrics["loss"]))
   state = jax.device_get(state)
+  assert np.shape(metrics["param_norm"]) == (len(seeds),)
   for i in range(len(seeds)):
     want_state, want_losses = expected[i]
     got = jax.tree.map(lambda x, i=i: x[i], state)
     assert max_abs_diff(got.params, want_state.params) < PARAM_ATOL
+    # param_norm, added once per call, is each seed's own.
+    norm = np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(got.params)]))
+    np.testing.assert_allclose(float(metrics["param_norm"][i]), norm, rtol=1e-5)
     np.testing.assert_allclose([loss[i] for loss in losses], want_losses, rtol=LOSS_RTOL)
   # Dropout is on: without it the same steps give other params (the dropped activations feed
   # the weight gradients of the layers after them).
