@@ -56,6 +56,30 @@ def test_forward_and_gradients_equal_flax_in_float64(
       np.testing.assert_allclose(actual, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("act", groupnorm.ACTIVATIONS)
+@pytest.mark.parametrize("widths", [(8, 4), (5, 7), (3, 2, 7)])
+def test_parts_are_normalised_as_their_concatenation(widths, act, recompute, monkeypatch):
+  """x given as arrays to concatenate (groups of 3 channels straddle the cuts): flax's output on
+  the concatenation, and its gradient cut into the parts, in float64."""
+  monkeypatch.setattr(groupnorm, "recompute_dz", lambda: recompute)
+  x, scale, bias, w = inputs((2, 4, 5, sum(widths)), sum(widths))
+  cuts = np.cumsum(widths)[:-1]
+  with jax.enable_x64():
+    parts = tuple(jnp.asarray(p, jnp.float64) for p in np.split(x, cuts, axis=-1))
+    scale, bias = jnp.asarray(scale), jnp.asarray(bias)
+    num_groups = sum(widths) // 3
+    ours = lambda parts, s, b: groupnorm.group_norm(parts, s, b, num_groups, 1e-6, act)
+    ref = lambda parts, s, b: reference(jnp.concatenate(parts, -1), s, b, num_groups, act)
+    np.testing.assert_allclose(ours(parts, scale, bias), ref(parts, scale, bias), rtol=1e-12)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(parts, scale, bias)
+    expected = jax.grad(loss(ref), argnums=(0, 1, 2))(parts, scale, bias)
+    assert [g.shape for g in grads[0]] == [p.shape for p in parts]
+    for actual, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(actual, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
 def test_bfloat16_activations_keep_float32_statistics():
   """bf16 in and out, float32 statistics: within bf16 rounding of the float64 result, even with
   a mean 8 standard deviations from zero (E[x^2] - E[x]^2 in float32 keeps ~1e-6 of the

@@ -378,3 +378,54 @@ def test_held_branch_gradient_changes_no_gradient(monkeypatch):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
   monkeypatch.undo()
   assert layers.hold_branch_gradient(x) is (jax.default_backend() != "cpu")
+
+
+@pytest.mark.parametrize("out_channels", [8, 12])
+def test_res_block_reads_parts_as_their_concatenation(out_channels):
+  """The up path hands a ResBlock (h, skip): the parameters, the output and the gradients are
+  those of the block on their concatenation (with a NIN projection, and without one)."""
+  rng = np.random.default_rng(5)
+  h, skip = (jnp.asarray(rng.normal(size=(2, 4, 4, c)), jnp.float32) for c in (8, 4))
+  temb = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+  both = jnp.concatenate([h, skip], axis=-1)
+  # Groups of 3 channels: one straddles the cut between h and skip.
+  block = layers.ResBlock(out_channels, num_groups=4)
+  params = block.init(jax.random.key(0), both, temb)
+  from_parts = block.init(jax.random.key(0), (h, skip), temb)
+  assert jax.tree.structure(params) == jax.tree.structure(from_parts)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(from_parts), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Random parameters, so that the zero-initialised layers do not hide anything.
+  params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  w = jnp.asarray(rng.normal(size=(2, 4, 4, out_channels)), jnp.float32)
+  loss = lambda x: jnp.sum(block.apply(params, x, temb) * w)
+  np.testing.assert_allclose(
+    block.apply(params, (h, skip), temb), block.apply(params, both, temb), rtol=1e-5, atol=1e-5
+  )
+  dh, dskip = jax.grad(loss)((h, skip))
+  np.testing.assert_allclose(
+    jnp.concatenate([dh, dskip], axis=-1), jax.grad(loss)(both), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_up_path_in_parts_is_the_concatenated_network(monkeypatch):
+  """`layers.skips_in_parts` (off the CPU): the same parameters, output and gradients."""
+  config = _config()
+  x, t = _inputs(seed=6)
+  params = _random_params(config, x, t)
+  loss = lambda p: jnp.sum(jnp.square(models.UNet(config).apply({"params": p}, x, t)))
+
+  def output_and_grads(in_parts):
+    monkeypatch.setattr(layers, "skips_in_parts", lambda: in_parts)
+    return jax.jit(lambda p: models.UNet(config).apply({"params": p}, x, t))(params), jax.jit(
+      jax.grad(loss)
+    )(params)
+
+  concatenated, parts = output_and_grads(False), output_and_grads(True)
+  # Float rounding only: within 1e-5 of the output's and the gradient's largest entries.
+  for want, got in zip(concatenated, parts, strict=True):
+    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+  monkeypatch.undo()
+  assert layers.skips_in_parts() is (jax.default_backend() != "cpu")

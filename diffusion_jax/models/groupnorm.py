@@ -21,10 +21,12 @@ E[x^2] - E[x]^2, clipped at 0, also as flax's default does.
 
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 ACTIVATIONS = ("none", "swish")
@@ -40,14 +42,27 @@ def _spatial_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(x, tuple(range(1, x.ndim - 1)))
 
 
-def _stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+def _concat(arrays: list[jax.Array]) -> jax.Array:
+  """Concatenation over the last axis (a single array is returned as it is)."""
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=-1)
+
+
+def _split(v: jax.Array, parts) -> list[jax.Array]:
+  """v [..., C] cut along the last axis into the channel ranges of `parts`."""
+  ends = np.cumsum([p.shape[-1] for p in parts])
+  return [v[..., end - p.shape[-1] : end] for p, end in zip(parts, ends, strict=True)]
+
+
+def _stats(parts, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
   """(mean, 1 / std) per example and group, [B, G] in the compute dtype, of x [B, ..., C]."""
-  b, c = x.shape[0], x.shape[-1]
-  xf = x.astype(_compute_dtype(x))
+  x = parts[0]
+  b, c = x.shape[0], sum(p.shape[-1] for p in parts)
+  xf = [p.astype(_compute_dtype(p)) for p in parts]
   count = math.prod(x.shape[1:-1]) * (c // num_groups)
   per_group = lambda s: s.reshape(b, num_groups, c // num_groups).sum(-1) / count
-  mean = per_group(_spatial_sum(xf))
-  var = jnp.maximum(per_group(_spatial_sum(jnp.square(xf))) - jnp.square(mean), 0.0)
+  mean = per_group(_concat([_spatial_sum(p) for p in xf]))
+  squares = per_group(_concat([_spatial_sum(jnp.square(p)) for p in xf]))
+  var = jnp.maximum(squares - jnp.square(mean), 0.0)
   return mean, lax.rsqrt(var + epsilon)
 
 
@@ -57,20 +72,19 @@ def _per_channel(v: jax.Array, ndim: int, channels: int) -> jax.Array:
   return v.reshape(v.shape[0], *(1,) * (ndim - 2), channels)
 
 
-def _affine(x, scale, bias, mean, rstd):
+def _affine(ndim, scale, bias, mean, rstd):
   """(a, b) of the normalised x = x * a + b, [B, 1, ..., 1, C] each."""
-  c = x.shape[-1]
-  a = _per_channel(rstd, x.ndim, c) * scale
-  return a, bias - _per_channel(mean, x.ndim, c) * a
+  c = scale.shape[-1]
+  a = _per_channel(rstd, ndim, c) * scale
+  return a, bias - _per_channel(mean, ndim, c) * a
 
 
 def _activate(z: jax.Array, act: str) -> jax.Array:
   return z * jax.nn.sigmoid(z) if act == "swish" else z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(
-  x: jax.Array,
+  x: jax.Array | Sequence[jax.Array],
   scale: jax.Array,
   bias: jax.Array,
   num_groups: int,
@@ -81,7 +95,9 @@ def group_norm(
   """act(GroupNorm(x) * scale + bias) over the last axis.
 
   Args:
-    x: [B, ..., C] activations; C divisible by `num_groups`.
+    x: [B, ..., C] activations; C divisible by `num_groups`. Or a sequence of arrays [B, ..., C_i]
+      whose concatenation over the last axis is x: the output is the same, and the concatenation
+      is never written (the up path's skip connections), its gradient comes back in parts.
     scale, bias: [C] float32.
     num_groups: groups of C // num_groups consecutive channels.
     epsilon: added to the variance.
@@ -91,14 +107,25 @@ def group_norm(
   Returns:
     [B, ..., C] in `dtype`. Differentiable in reverse mode with respect to x, scale and bias.
   """
-  return _forward(x, scale, bias, num_groups, epsilon, act, dtype)[0]
+  parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  return _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype)
 
 
-def _forward(x, scale, bias, num_groups, epsilon, act, dtype):
-  mean, rstd = _stats(x, num_groups, epsilon)
-  a, b = _affine(x, scale, bias, mean, rstd)
-  y = _activate(x.astype(_compute_dtype(x)) * a + b, act).astype(dtype or x.dtype)
-  return y, (x, scale, bias, mean, rstd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype):
+  return _forward(parts, scale, bias, num_groups, epsilon, act, dtype)[0]
+
+
+def _forward(parts, scale, bias, num_groups, epsilon, act, dtype):
+  mean, rstd = _stats(parts, num_groups, epsilon)
+  a, b = _affine(parts[0].ndim, scale, bias, mean, rstd)
+  y = _concat(
+    [
+      _activate(p.astype(_compute_dtype(p)) * a_p + b_p, act)
+      for p, a_p, b_p in zip(parts, _split(a, parts), _split(b, parts), strict=True)
+    ]
+  )
+  return y.astype(dtype or jnp.result_type(*parts)), (parts, scale, bias, mean, rstd)
 
 
 def recompute_dz() -> bool:
@@ -112,47 +139,56 @@ def recompute_dz() -> bool:
   return jax.default_backend() != "cpu"
 
 
-def _grad_z(x, dy, scale, bias, mean, rstd, act):
-  """(x, a, dz) in the compute dtype: x, the normalisation's per-channel factor, dL/d(x * a + b)."""
+def _grad_z(x, dy, a, shift, act):
+  """(x, dz) in the compute dtype: x and dL/d(x * a + b), for the normalisation's a and b."""
   xf = x.astype(_compute_dtype(x))
-  a, shift = _affine(x, scale, bias, mean, rstd)
   dz = dy.astype(xf.dtype)
   if act == "swish":
     z = xf * a + shift
     s = jax.nn.sigmoid(z)
     dz = dz * (s * (1.0 + z * (1.0 - s)))
-  return xf, a, dz
+  return xf, dz
 
 
 def _backward(num_groups, epsilon, act, dtype, residuals, dy):
   del epsilon, dtype
-  x, scale, bias, mean, rstd = residuals
-  b, c = x.shape[0], x.shape[-1]
-  xf, a, dz = _grad_z(x, dy, scale, bias, mean, rstd, act)
+  parts, scale, bias, mean, rstd = residuals
+  b, c, ndim = parts[0].shape[0], scale.shape[-1], parts[0].ndim
+  a, shift = _affine(ndim, scale, bias, mean, rstd)
+  a, shift = _split(a, parts), _split(shift, parts)
+  grads = [_grad_z(*args, act) for args in zip(parts, _split(dy, parts), a, shift, strict=True)]
   # Per (example, channel): sum dz and sum dz * x. The barrier keeps them as computed here: XLA
   # would otherwise fold the sums over the batch below (dbias, dscale) into reductions of their
   # own over the whole activation, for which it keeps dz, a float32 copy of it, in memory.
-  sum_dz, sum_dz_x = lax.optimization_barrier((_spatial_sum(dz), _spatial_sum(dz * xf)))
+  # (Each part's pair is kept, not their concatenations, or XLA writes out a part's dz.)
+  sums = lax.optimization_barrier([(_spatial_sum(dz), _spatial_sum(dz * xf)) for xf, dz in grads])
+  sum_dz, sum_dz_x = (_concat(list(s)) for s in zip(*sums, strict=True))
   # sum dz * x_hat, with x_hat = (x - mean) * rstd.
   sum_dz_xhat = _per_channel(rstd, 2, c) * (sum_dz_x - _per_channel(mean, 2, c) * sum_dz)
   dbias = jnp.sum(sum_dz, 0)
   dscale = jnp.sum(sum_dz_xhat, 0)
   # dx = rstd * (g - mean_G(g) - x_hat * mean_G(g * x_hat)) with g = dz * scale.
-  count = math.prod(x.shape[1:-1]) * (c // num_groups)
+  count = math.prod(parts[0].shape[1:-1]) * (c // num_groups)
   per_group = lambda s: (s * scale).reshape(b, num_groups, c // num_groups).sum(-1) / count
   m1, m2 = per_group(sum_dz), per_group(sum_dz_xhat)
-  k_x = _per_channel(-jnp.square(rstd) * m2, x.ndim, c)
-  k_0 = _per_channel(rstd * (rstd * mean * m2 - m1), x.ndim, c)
+  k_x = _per_channel(-jnp.square(rstd) * m2, ndim, c)
+  k_0 = _per_channel(rstd * (rstd * mean * m2 - m1), ndim, c)
   if recompute_dz():
     # The second pass recomputes dz from x and dy (the barrier stops XLA from sharing the first
     # pass's): reading both again costs less than writing and reading dz in float32.
-    x, dy, k_x, k_0 = lax.optimization_barrier((x, dy, k_x, k_0))
-    xf, a, dz = _grad_z(x, dy, scale, bias, mean, rstd, act)
-  dx = dz * a + xf * k_x + k_0
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    # dy passes whole: a barrier on its slices would write them out.
+    parts, dy, k_x, k_0 = lax.optimization_barrier((parts, dy, k_x, k_0))
+    grads = [_grad_z(*args, act) for args in zip(parts, _split(dy, parts), a, shift, strict=True)]
+  dx = tuple(
+    (dz * a_p + xf * kx_p + k0_p).astype(p.dtype)
+    for p, (xf, dz), a_p, kx_p, k0_p in zip(
+      parts, grads, a, _split(k_x, parts), _split(k_0, parts), strict=True
+    )
+  )
+  return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-group_norm.defvjp(_forward, _backward)
+_group_norm.defvjp(_forward, _backward)
 
 
 class GroupNorm(nn.Module):
@@ -173,8 +209,9 @@ class GroupNorm(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    """x: [B, ..., C], or arrays [B, ..., C_i] normalised as their concatenation (`group_norm`)."""
+    c = sum(p.shape[-1] for p in x) if isinstance(x, (tuple, list)) else x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
     if self.act not in ACTIVATIONS:

@@ -334,7 +334,8 @@ class UNet(nn.Module):
 
     for level in reversed(range(num_levels)):
       for i in range(cfg.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        skip = skips.pop()
+        h = (h, skip) if layers.skips_in_parts() else jnp.concatenate([h, skip], axis=-1)
         h = res_block(h, cfg.channels * cfg.channel_mult[level], f"up_{level}_block_{i}")
         if h.shape[1] in cfg.attn_resolutions:
           h = attn_block(h, f"up_{level}_attn_{i}")
