@@ -1,0 +1,141 @@
+"""The train step's choices made per backend at trace time, each flipped, timed against the default.
+
+Run from the repository root:
+  python benchmarks/backend_choices.py                   # CIFAR-10 network, batch 32
+  python benchmarks/backend_choices.py --dtype=bfloat16 --attention=fused --batch=128   # a GPU
+
+Some of the step's program is chosen by the backend when the step is traced, not by the config:
+whether GroupNorm's backward pass recomputes dz (`groupnorm.recompute_dz`), whether a residual
+block holds its branch's gradient apart (`layers.hold_branch_gradient`), and whether the up path
+hands its ResBlocks (h, skip) instead of their concatenation (`layers.skips_in_parts`). Each is
+decided from measurements on one kind of machine. This script compiles the step as the trainer
+does (state donated) with the defaults of the backend it runs on and once more with each choice
+flipped, then times all of them in alternating rounds, so that every variant sees the same
+machine state. Each round queues --calls steps per variant and waits once, so the host's
+dispatch overlaps the device's work as in the trainer; the per-step time is the round's time
+over --calls. The loss after the last call is printed as well: a flip changes float rounding
+only. Prints a Markdown table for benchmarks/RESULTS.md.
+"""
+
+import contextlib
+import importlib
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import timing  # noqa: E402
+from diffusion_jax import parallel, rng, train  # noqa: E402
+from diffusion_jax.models import groupnorm, layers  # noqa: E402
+
+# name: (module, function); each function returns whether the choice is on.
+CHOICES = {
+  "recompute_dz": (groupnorm, "recompute_dz"),
+  "hold_branch_gradient": (layers, "hold_branch_gradient"),
+  "skips_in_parts": (layers, "skips_in_parts"),
+}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_enum("config", "cifar10", ("cifar10", "shapes"), "Config (configs/).")
+  flags.DEFINE_integer("batch", 32, "Global batch of the train step.")
+  flags.DEFINE_enum("dtype", None, ("float32", "bfloat16"), "model.dtype (default: the config's).")
+  flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: config's).")
+  flags.DEFINE_list("flip", list(CHOICES), "Choices flipped, one variant each.")
+  flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
+  flags.DEFINE_integer("calls", 4, "Steps queued per variant and round.")
+
+
+@contextlib.contextmanager
+def flipped(name: str):
+  """The choice `name` negated while the step is traced, then restored."""
+  module, attr = CHOICES[name]
+  original = getattr(module, attr)
+  setattr(module, attr, lambda: not original())
+  try:
+    yield
+  finally:
+    setattr(module, attr, original)
+
+
+def build(config, flip: str | None):
+  """(compiled train step, [state, batch, key]) with the choice `flip` negated (None: none)."""
+  run = train.make_run(config)
+  init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
+  state = init(rng.stream_key(config.seed, rng.INIT))
+  images = np.random.default_rng(0).integers(
+    0, 256, (config.train.batch_size, *run.image_shape), dtype=np.uint8
+  )
+  batch = parallel.put_batch({"image": images}, run.mesh)
+  key = rng.stream_key(config.seed, rng.TRAIN)
+  with flipped(flip) if flip else contextlib.nullcontext():
+    compiled = train.compile_train_step(run).lower(state, batch, key).compile()
+  return compiled, [state, batch, key]
+
+
+def time_rounds(programs: dict, rounds: int, calls: int) -> tuple[dict, dict]:
+  """({variant: seconds per step of each round}, {variant: loss after its last call})."""
+  times = {name: [] for name in programs}
+  losses = {}
+  for round_ in range(rounds + 1):  # the first round warms up
+    for name, (compiled, args) in programs.items():
+      start = time.perf_counter()
+      for _ in range(calls):
+        args[0], metrics = compiled(*args)
+      jax.block_until_ready((args[0], metrics))
+      if round_:
+        times[name].append((time.perf_counter() - start) / calls)
+      losses[name] = float(metrics["loss"])
+  return times, losses
+
+
+def main(argv):
+  del argv
+  config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
+  config.train.batch_size = FLAGS.batch
+  config.model.dtype = FLAGS.dtype or config.model.dtype
+  config.model.attention = FLAGS.attention or config.model.get("attention", "plain")
+  unknown = sorted(set(FLAGS.flip) - set(CHOICES))
+  if unknown:
+    raise app.UsageError(f"--flip: unknown {', '.join(unknown)}; known: {', '.join(CHOICES)}")
+  defaults = {name: getattr(*CHOICES[name])() for name in CHOICES}
+  programs = {}
+  for flip in [None, *FLAGS.flip]:
+    name = "defaults" if flip is None else f"{flip} {'off' if defaults[flip] else 'on'}"
+    print(f"compiling {name}", file=sys.stderr, flush=True)
+    programs[name] = build(config, flip)
+  times, losses = time_rounds(programs, FLAGS.rounds, FLAGS.calls)
+  base = statistics.median(times["defaults"])
+  device = jax.devices()[0]
+  on = ", ".join(f"{n} {'on' if v else 'off'}" for n, v in defaults.items())
+  print(
+    f"**train step, backend choices flipped**: {FLAGS.config} network, batch {FLAGS.batch}, "
+    f"model.dtype={config.model.dtype}, model.attention={config.model.attention}, on "
+    f"{device.device_kind} ({device.platform}); jax {jax.__version__}. Defaults here: {on}. "
+    f"Median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.calls} queued steps.\n"
+  )
+  print("| variant | ms / step | images / s | defaults / variant | XLA temp GiB | loss |")
+  print("|---|--:|--:|--:|--:|--:|")
+  for name, (compiled, _) in programs.items():
+    step = statistics.median(times[name])
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    print(
+      f"| {name} | {timing.median_range([1e3 * t for t in times[name]])} "
+      f"| {timing.num(FLAGS.batch / step)} | {base / step:.3f} | {temp:.2f} "
+      f"| {losses[name]:.6f} |"
+    )
+  print(f"\nCommand: `{shlex.join(['python', *sys.argv])}`")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
