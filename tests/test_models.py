@@ -358,24 +358,34 @@ def test_space_to_depth_layout_and_inverse():
   np.testing.assert_array_equal(layers.depth_to_space(folded, 2), x)
 
 
+def _network_under(monkeypatch, choice, value, seed):
+  """(output, parameters' gradient of a squared loss, the gradient's jaxpr, parameters) of the tiny
+  U-Net on random parameters, with layers.<choice>() returning `value` while it is traced."""
+  monkeypatch.setattr(layers, choice, lambda: value)
+  config = _config()
+  x, t = _inputs(seed=seed)
+  params = _random_params(config, x, t)
+  apply = lambda p: models.UNet(config).apply({"params": p}, x, t)
+  grad = jax.grad(lambda p: jnp.sum(jnp.square(apply(p))))
+  return jax.jit(apply)(params), jax.jit(grad)(params), str(jax.make_jaxpr(grad)(params)), params
+
+
+def _assert_equal_up_to_rounding(want, got):
+  """Every leaf within 1e-5 (relative) of the other, or of the largest entry of `want`."""
+  scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+
+
 def test_held_branch_gradient_changes_no_gradient(monkeypatch):
   """`layers.residual` off the CPU: the same function and gradient, a barrier per block."""
-  config = _config()
-  x, t = _inputs(seed=4)
-  params = _random_params(config, x, t)
-  loss = lambda p: jnp.sum(jnp.square(models.UNet(config).apply({"params": p}, x, t)))
-
-  def grads_and_barriers(held):
-    monkeypatch.setattr(layers, "hold_branch_gradient", lambda: held)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-    return jax.jit(jax.grad(loss))(params), jaxpr.count("optimization_barrier")
-
-  plain, plain_barriers = grads_and_barriers(False)
-  held, held_barriers = grads_and_barriers(True)
+  out, grads, jaxpr, params = _network_under(monkeypatch, "hold_branch_gradient", False, 4)
+  held_out, held_grads, held_jaxpr, _ = _network_under(monkeypatch, "hold_branch_gradient", True, 4)
   blocks = sum(1 for name in params if "_block_" in name or "_attn_" in name)
-  assert blocks > 0 and held_barriers - plain_barriers == blocks
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(held), strict=True):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+  barriers = held_jaxpr.count("optimization_barrier") - jaxpr.count("optimization_barrier")
+  assert blocks > 0 and barriers == blocks
+  np.testing.assert_array_equal(held_out, out)
+  _assert_equal_up_to_rounding(grads, held_grads)
   monkeypatch.undo()
   assert layers.hold_branch_gradient() is (jax.default_backend() != "cpu")
 
@@ -410,22 +420,9 @@ def test_res_block_reads_parts_as_their_concatenation(out_channels):
 
 def test_up_path_in_parts_is_the_concatenated_network(monkeypatch):
   """`layers.skips_in_parts` (off the CPU): the same parameters, output and gradients."""
-  config = _config()
-  x, t = _inputs(seed=6)
-  params = _random_params(config, x, t)
-  loss = lambda p: jnp.sum(jnp.square(models.UNet(config).apply({"params": p}, x, t)))
-
-  def output_and_grads(in_parts):
-    monkeypatch.setattr(layers, "skips_in_parts", lambda: in_parts)
-    return jax.jit(lambda p: models.UNet(config).apply({"params": p}, x, t))(params), jax.jit(
-      jax.grad(loss)
-    )(params)
-
-  concatenated, parts = output_and_grads(False), output_and_grads(True)
-  # Float rounding only: within 1e-5 of the output's and the gradient's largest entries.
-  for want, got in zip(concatenated, parts, strict=True):
-    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(want))
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+  out, grads, _, _ = _network_under(monkeypatch, "skips_in_parts", False, 6)
+  parts_out, parts_grads, _, _ = _network_under(monkeypatch, "skips_in_parts", True, 6)
+  _assert_equal_up_to_rounding(out, parts_out)
+  _assert_equal_up_to_rounding(grads, parts_grads)
   monkeypatch.undo()
   assert layers.skips_in_parts() is (jax.default_backend() != "cpu")
