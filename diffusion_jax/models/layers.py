@@ -170,19 +170,15 @@ class SplitDense(nn.Module):
   Attributes:
     features: output width.
     dtype: compute dtype.
-    zero: zero-initialise the kernel.
   """
 
   features: int
   dtype: jnp.dtype = jnp.float32
-  zero: bool = False
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
     widths = [p.shape[-1] for p in parts]
-    kernel = self.param(
-      "kernel", zeros_init if self.zero else default_init, (sum(widths), self.features), jnp.float32
-    )
+    kernel = self.param("kernel", default_init, (sum(widths), self.features), jnp.float32)
     bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
     kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
     y = bias
