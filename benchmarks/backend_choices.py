@@ -2,19 +2,22 @@
 
 Run from the repository root:
   python benchmarks/backend_choices.py                   # CIFAR-10 network, batch 32
-  python benchmarks/backend_choices.py --dtype=bfloat16 --attention=fused --batch=128   # a GPU
+  python benchmarks/backend_choices.py --dtype=bfloat16 --attention=fused --batch=128 \
+    --steps_per_call=8                                   # a GPU
 
 Some of the step's program is chosen by the backend when the step is traced, not by the config:
 whether GroupNorm's backward pass recomputes dz (`groupnorm.recompute_dz`), whether a residual
-block holds its branch's gradient apart (`layers.hold_branch_gradient`), and whether the up path
-hands its ResBlocks (h, skip) instead of their concatenation (`layers.skips_in_parts`). Each is
+block holds its branch's gradient apart (`layers.hold_branch_gradient`), whether the up path
+hands its ResBlocks (h, skip) instead of their concatenation (`layers.skips_in_parts`), and
+whether fused attention asks for cuDNN's flash attention (`layers.flash_attention`). Each is
 decided from measurements on one kind of machine. This script compiles the step as the trainer
 does (state donated) with the defaults of the backend it runs on and once more with each choice
 flipped, then times all of them in alternating rounds, so that every variant sees the same
-machine state. Each round queues --calls steps per variant and waits once, so the host's
-dispatch overlaps the device's work as in the trainer; the per-step time is the round's time
-over --calls. The loss after the last call is printed as well: a flip changes float rounding
-only. Prints a Markdown table for benchmarks/RESULTS.md.
+machine state. Each round queues --calls calls per variant and waits once, so the host's dispatch
+overlaps the device's work as in the trainer; each call runs --steps_per_call steps (the trainer's
+train.steps_per_call), and the per-step time is the round's time over the steps. The loss after the
+last call is printed as well: a flip changes float rounding only. Prints a Markdown table for
+benchmarks/RESULTS.md.
 """
 
 import contextlib
@@ -40,6 +43,7 @@ CHOICES = {
   "recompute_dz": (groupnorm, "recompute_dz"),
   "hold_branch_gradient": (layers, "hold_branch_gradient"),
   "skips_in_parts": (layers, "skips_in_parts"),
+  "flash_attention": (layers, "flash_attention"),
 }
 
 FLAGS = flags.FLAGS
@@ -52,7 +56,8 @@ def define_flags():
   flags.DEFINE_enum("attention", None, ("plain", "fused"), "model.attention (default: config's).")
   flags.DEFINE_list("flip", list(CHOICES), "Choices flipped, one variant each.")
   flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
-  flags.DEFINE_integer("calls", 4, "Steps queued per variant and round.")
+  flags.DEFINE_integer("calls", 4, "Calls queued per variant and round.")
+  flags.DEFINE_integer("steps_per_call", 1, "Train steps per call (train.steps_per_call).")
 
 
 @contextlib.contextmanager
@@ -67,22 +72,34 @@ def flipped(name: str):
     setattr(module, attr, original)
 
 
-def build(config, flip: str | None):
-  """(compiled train step, [state, batch, key]) with the choice `flip` negated (None: none)."""
+def build(config, flip: str | None, steps_per_call: int = 1):
+  """(compiled train step, its arguments) with the choice `flip` negated (None: none).
+
+  The arguments are [state, batch, key], or with `steps_per_call` = k > 1 [state, k batches, k,
+  key]: each call runs k steps.
+  """
   run = train.make_run(config)
   init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
   state = init(rng.stream_key(config.seed, rng.INIT))
   images = np.random.default_rng(0).integers(
     0, 256, (config.train.batch_size, *run.image_shape), dtype=np.uint8
   )
-  batch = parallel.put_batch({"image": images}, run.mesh)
   key = rng.stream_key(config.seed, rng.TRAIN)
+  if steps_per_call > 1:
+    batches = np.broadcast_to(images, (steps_per_call, *images.shape))
+    args = [state, parallel.put_batch({"image": batches}, run.mesh, axis=1)]
+    args += [np.int32(steps_per_call), key]
+  else:
+    args = [state, parallel.put_batch({"image": images}, run.mesh), key]
   with flipped(flip) if flip else contextlib.nullcontext():
-    compiled = train.compile_train_step(run).lower(state, batch, key).compile()
-  return compiled, [state, batch, key]
+    step = train.compile_train_step(run, steps_per_call=steps_per_call)
+    compiled = step.lower(*args).compile()
+  return compiled, args
 
 
-def time_rounds(programs: dict, rounds: int, calls: int) -> tuple[dict, dict]:
+def time_rounds(
+  programs: dict, rounds: int, calls: int, steps_per_call: int = 1
+) -> tuple[dict, dict]:
   """({variant: seconds per step of each round}, {variant: loss after its last call})."""
   times = {name: [] for name in programs}
   losses = {}
@@ -93,7 +110,7 @@ def time_rounds(programs: dict, rounds: int, calls: int) -> tuple[dict, dict]:
         args[0], metrics = compiled(*args)
       jax.block_until_ready((args[0], metrics))
       if round_:
-        times[name].append((time.perf_counter() - start) / calls)
+        times[name].append((time.perf_counter() - start) / (calls * steps_per_call))
       losses[name] = float(metrics["loss"])
   return times, losses
 
@@ -112,8 +129,8 @@ def main(argv):
   for flip in [None, *FLAGS.flip]:
     name = "defaults" if flip is None else f"{flip} {'off' if defaults[flip] else 'on'}"
     print(f"compiling {name}", file=sys.stderr, flush=True)
-    programs[name] = build(config, flip)
-  times, losses = time_rounds(programs, FLAGS.rounds, FLAGS.calls)
+    programs[name] = build(config, flip, FLAGS.steps_per_call)
+  times, losses = time_rounds(programs, FLAGS.rounds, FLAGS.calls, FLAGS.steps_per_call)
   base = statistics.median(times["defaults"])
   device = jax.devices()[0]
   on = ", ".join(f"{n} {'on' if v else 'off'}" for n, v in defaults.items())
@@ -121,7 +138,8 @@ def main(argv):
     f"**train step, backend choices flipped**: {FLAGS.config} network, batch {FLAGS.batch}, "
     f"model.dtype={config.model.dtype}, model.attention={config.model.attention}, on "
     f"{device.device_kind} ({device.platform}); jax {jax.__version__}. Defaults here: {on}. "
-    f"Median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.calls} queued steps.\n"
+    f"Median (min–max) over {FLAGS.rounds} alternating rounds of {FLAGS.calls} queued calls of "
+    f"{FLAGS.steps_per_call} step(s).\n"
   )
   print("| variant | ms / step | images / s | defaults / variant | XLA temp GiB | loss |")
   print("|---|--:|--:|--:|--:|--:|")

@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The Upsample convolutions computed at the low resolution (4/9 of their FLOPs, the same
   # function and parameters up to float rounding); False upsamples first, as the original.
   model.subpixel_upsample = True
-  # "plain" or "fused" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
+  # "plain" or "fused" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs, XLA elsewhere).
   model.attention = "plain"
   # 3x3 convolutions: "xla", "winograd" (Winograd's algorithm where it pays: float32, large
   # enough maps and channels; about 1.3-1.6x faster on a CPU) or "auto" (Winograd on a CPU).

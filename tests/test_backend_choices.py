@@ -38,3 +38,13 @@ def test_a_flipped_choice_changes_the_program_not_the_step(tiny_config):
   )
   assert np.linalg.norm(parts - plain) < 1e-2 * np.linalg.norm(plain - start)
   assert math.isclose(losses[None], losses["skips_in_parts"], rel_tol=1e-4)
+
+
+def test_steps_per_call_runs_that_many_steps_a_call(tiny_config):
+  config = tiny_config({"train.warmup_steps": 0, "train.batch_size": 4})
+  compiled, args = backend_choices.build(config, None, steps_per_call=3)
+  assert args[1]["image"].shape[:2] == (3, 4)
+  times, _ = backend_choices.time_rounds({"defaults": (compiled, args)}, 1, 2, steps_per_call=3)
+  # A warm-up round and a timed one, of 2 calls of 3 steps.
+  assert int(jax.device_get(args[0].step)) == 12
+  assert len(times["defaults"]) == 1 and times["defaults"][0] > 0

@@ -51,8 +51,8 @@ class UNetConfig:
     subpixel_upsample: compute each Upsample's convolution at the low resolution
       (`layers.SubpixelConv`): the same function and parameters in 4/9 of its FLOPs, equal up
       to float rounding. False upsamples first, as the original does.
-    attention: "plain" or "fused" (`jax.nn.dot_product_attention`: cuDNN flash attention on
-      GPUs); `layers.attention`.
+    attention: "plain" or "fused" (`jax.nn.dot_product_attention`: cuDNN's flash attention on
+      GPUs where cuDNN takes the shapes, XLA's elsewhere); `layers.attention`.
     conv: how the ResBlocks and the first and last layer compute their 3x3 convolutions:
       "xla" (XLA's convolution), "winograd" (`models.winograd`: Winograd's algorithm, for
       every float32 one), or "auto" (Winograd where it is faster: float32 on JAX's CPU
