@@ -34,7 +34,14 @@ def inputs(shape, seed, offset=0.5):
 @pytest.mark.parametrize("act", groupnorm.ACTIVATIONS)
 @pytest.mark.parametrize(
   "shape, num_groups",
-  [((3, 5, 7, 8), 4), ((2, 6, 6, 12), 3), ((2, 9, 16), 8), ((2, 4, 4, 32), 32), ((2, 3, 3, 6), 1)],
+  [
+    ((3, 5, 7, 8), 4),
+    ((2, 6, 6, 12), 3),
+    ((2, 9, 16), 8),
+    ((2, 4, 4, 32), 32),
+    ((2, 3, 3, 6), 1),
+    ((2, 3, 80), 2),  # groups wider than _GROUP_SUM_ADDS: summed by a reduction
+  ],
 )
 def test_forward_and_gradients_equal_flax_in_float64(
   shape, num_groups, act, recompute, monkeypatch
