@@ -250,12 +250,24 @@ def test_fused_attention_with_a_mask_matches_the_plain_one():
 
 
 def test_fused_attention_falls_back_to_xla_where_cudnn_is_absent(monkeypatch):
-  # Asked for cuDNN's flash attention on a machine without it, "fused" computes XLA's, bitwise.
+  # Asked for cuDNN's flash attention where cuDNN refuses, "fused" computes XLA's, bitwise.
   np_rng = np.random.default_rng(5)
   q, k, v = (jnp.asarray(np_rng.normal(size=(2, 16, 1, 32)), jnp.bfloat16) for _ in range(3))
+  monkeypatch.setattr(layers, "flash_attention", lambda: False)
   xla = layers.attention(q, k, v, None, jnp.bfloat16, "fused")
-  assert not layers.flash_attention()  # the tests run on the CPU
   monkeypatch.setattr(layers, "flash_attention", lambda: True)
+  if jax.default_backend() != "gpu":  # no cuDNN here: the real call refuses
+    assert layers._cudnn_attention(q, k, v, None) is None
+    np.testing.assert_array_equal(layers.attention(q, k, v, None, jnp.bfloat16, "fused"), xla)
+  # cuDNN refusing the inputs, on any backend.
+  dot_product_attention = jax.nn.dot_product_attention
+
+  def refusing(*args, implementation=None, **kwargs):
+    if implementation == "cudnn":
+      raise NotImplementedError("cuDNN does not take these inputs")
+    return dot_product_attention(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
   assert layers._cudnn_attention(q, k, v, None) is None
   np.testing.assert_array_equal(layers.attention(q, k, v, None, jnp.bfloat16, "fused"), xla)
 
