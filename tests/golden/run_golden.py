@@ -45,15 +45,21 @@ def tree_digest(tree) -> str:
   return digest.hexdigest()
 
 
-def cpu_name() -> str:
+def cpu() -> dict[str, str]:
+  """The processor's name and a digest of its instruction-set flags (XLA:CPU compiles for them)."""
+  info = {"name": platform.processor(), "flags": ""}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          info["name"] = value.strip()
+        elif key.strip() == "flags":
+          info["flags"] = hashlib.sha256(value.strip().encode()).hexdigest()[:16]
+          break
   except OSError:
     pass
-  return platform.processor()
+  return info
 
 
 def main(workdir: str) -> None:
@@ -69,7 +75,7 @@ def main(workdir: str) -> None:
   print(
     json.dumps(
       {
-        "machine": {"cpu": cpu_name(), "jax": jax.__version__, "backend": jax.default_backend()},
+        "machine": {"cpu": cpu(), "jax": jax.__version__, "backend": jax.default_backend()},
         "losses": losses,
         "params_sha256": tree_digest(state.params),
         "ema_params_sha256": tree_digest(state.ema_params),
