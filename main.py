@@ -71,13 +71,13 @@ def main(argv):
   del argv
   # Orbax reports every save at INFO; keep the terminal for this program's own messages.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  from diffusion_jax import hostmem, parallel
-  from diffusion_jax.errors import ConfigError, TrainingStopped
+  from diffusion_jax.runtime import hostmem, parallel
+  from diffusion_jax.runtime.errors import ConfigError, TrainingStopped
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", _CONFIG_NAME)
   # Before JAX starts its CPU client, whose threads take their malloc arenas when they start.
-  if hostmem.configure(config.get("reuse_host_memory", False)):
+  if hostmem.configure(config.reuse_host_memory):
     logging.info("host memory: freed memory kept for reuse (config.reuse_host_memory)")
   try:
     # Before anything else touches JAX: the backends start with the processes connected.
@@ -89,15 +89,15 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
       )
-    from diffusion_jax import sample_mode, train
+    from diffusion_jax.experiment import sample_mode, settings, train
 
     logging.info("workdir: %s", os.path.abspath(workdir))
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "eval":
-      from diffusion_jax import evaluate
+      from diffusion_jax.experiment import eval_mode
 
-      result, path = evaluate.evaluate(config, workdir)
+      result, path = eval_mode.evaluate(config, workdir)
       if jax.process_index() == 0:
         # The standard error needs two images at least.
         error = f" ± {result['bits_per_dim_stderr']:.4f}" if result["num_examples"] > 1 else ""
@@ -107,7 +107,7 @@ def main(argv):
           f"prior {result['prior']:.4f}, decoder {result['decoder']:.4f}, "
           f"KL terms {result['kl']:.4f}): {path}"
         )
-    elif train.study_seeds(config) or train.sample_seeds(config):
+    elif settings.study_seeds(config) or settings.sample_seeds(config):
       written, (_, summary) = sample_mode.sample_study(config, workdir)
       if jax.process_index() == 0:
         for png, npz in written:

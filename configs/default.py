@@ -54,11 +54,22 @@ def get_config() -> ml_collections.ConfigDict:
   # The Upsample convolutions computed at the low resolution (4/9 of their FLOPs, the same
   # function and parameters up to float rounding); False upsamples first, as the original.
   model.subpixel_upsample = True
-  # "plain" or "fused" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs, XLA elsewhere).
+  # "plain" or "fused" (jax.nn.dot_product_attention; cuDNN's flash attention with
+  # model.fast.flash_attention).
   model.attention = "plain"
-  # 3x3 convolutions: "xla", "winograd" (Winograd's algorithm where it pays: float32, large
-  # enough maps and channels; about 1.3-1.6x faster on a CPU) or "auto" (Winograd on a CPU).
+  # 3x3 convolutions: "xla", "winograd" (Winograd's algorithm for every float32 one),
+  # "winograd_large" (only where it pays on a CPU: float32, large enough maps and channels; about
+  # 1.3-1.6x faster there) or "auto" (winograd_large on a CPU, xla elsewhere).
   model.conv = "auto"
+  # Speed paths inside the blocks (diffusion_jax/models/fast/). Flags are "true", "false" or "auto";
+  # a run resolves "auto" once from the backend, logs it and writes the value into config.json.
+  # None changes the parameters; the results agree up to float rounding.
+  model.fast = fast = ml_collections.ConfigDict()
+  fast.group_norm = "fused"  # "fused" (one operation with a hand-written gradient) or "reference".
+  fast.recompute_dz = "auto"  # Fused GroupNorm's backward recomputes dz (auto: off the CPU).
+  fast.hold_branch_gradient = "auto"  # Barrier on residual branches' gradients (off the CPU).
+  fast.skips_in_parts = "auto"  # Up path reads (h, skip) without concatenating (off the CPU).
+  fast.flash_attention = "auto"  # attention="fused" asks cuDNN for flash attention (on GPUs).
   # Recompute block activations in the backward pass: less memory for large batches, about one
   # more forward pass of compute.
   model.remat = False

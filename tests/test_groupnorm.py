@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import groupnorm, layers
+from diffusion_jax.models import layers
+from diffusion_jax.models.fast import groupnorm
 
 
 def reference(x, scale, bias, num_groups, act, dtype=None):
@@ -43,16 +44,15 @@ def inputs(shape, seed, offset=0.5):
     ((2, 3, 80), 2),  # groups wider than _GROUP_SUM_ADDS: summed by a reduction
   ],
 )
-def test_forward_and_gradients_equal_flax_in_float64(
-  shape, num_groups, act, recompute, monkeypatch
-):
+def test_forward_and_gradients_equal_flax_in_float64(shape, num_groups, act, recompute):
   """Exact arithmetic: the hand-written gradient is the gradient of flax's GroupNorm, whether
   the backward pass keeps dz (CPUs) or recomputes it (GPUs, TPUs)."""
-  monkeypatch.setattr(groupnorm, "recompute_dz", lambda: recompute)
   x, scale, bias, w = inputs(shape, sum(shape) + num_groups)
   with jax.enable_x64():
     args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))
-    ours = lambda x, s, b: groupnorm.group_norm(x, s, b, num_groups, 1e-6, act)
+    ours = lambda x, s, b: groupnorm.group_norm(
+      x, s, b, num_groups, 1e-6, act, recompute_dz=recompute
+    )
     ref = lambda x, s, b: reference(x, s, b, num_groups, act)
     np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-12, atol=1e-12)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
@@ -66,17 +66,18 @@ def test_forward_and_gradients_equal_flax_in_float64(
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("act", groupnorm.ACTIVATIONS)
 @pytest.mark.parametrize("widths", [(8, 4), (5, 7), (3, 2, 7)])
-def test_parts_are_normalised_as_their_concatenation(widths, act, recompute, monkeypatch):
+def test_parts_are_normalised_as_their_concatenation(widths, act, recompute):
   """x given as arrays to concatenate (groups of 3 channels straddle the cuts): flax's output on
   the concatenation, and its gradient cut into the parts, in float64."""
-  monkeypatch.setattr(groupnorm, "recompute_dz", lambda: recompute)
   x, scale, bias, w = inputs((2, 4, 5, sum(widths)), sum(widths))
   cuts = np.cumsum(widths)[:-1]
   with jax.enable_x64():
     parts = tuple(jnp.asarray(p, jnp.float64) for p in np.split(x, cuts, axis=-1))
     scale, bias = jnp.asarray(scale), jnp.asarray(bias)
     num_groups = sum(widths) // 3
-    ours = lambda parts, s, b: groupnorm.group_norm(parts, s, b, num_groups, 1e-6, act)
+    ours = lambda parts, s, b: groupnorm.group_norm(
+      parts, s, b, num_groups, 1e-6, act, recompute_dz=recompute
+    )
     ref = lambda parts, s, b: reference(jnp.concatenate(parts, -1), s, b, num_groups, act)
     np.testing.assert_allclose(ours(parts, scale, bias), ref(parts, scale, bias), rtol=1e-12)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
@@ -123,3 +124,27 @@ def test_module_has_flax_parameters_and_checks_its_arguments():
     groupnorm.GroupNorm(num_groups=5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="unknown act 'relu'; valid: none, swish"):
     groupnorm.GroupNorm(num_groups=4, act="relu").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("act", ["none", "swish"])
+def test_reference_module_is_flax_group_norm_in_float64(act):
+  """`layers.ReferenceGroupNorm` (model.fast.group_norm="reference"): flax's GroupNorm then act,
+  values and gradients, also when handed the input in parts along the channels."""
+  x, scale, bias, w = inputs((2, 5, 5, 12), 11)
+  module = layers.ReferenceGroupNorm(num_groups=3, act=act, param_dtype=jnp.float64)
+  with jax.enable_x64():
+    x, scale, bias, w = (jnp.asarray(a, jnp.float64) for a in (x, scale, bias, w))
+    params = {"params": {"scale": scale, "bias": bias}}
+    ours = lambda x, p: jnp.sum(module.apply(p, x) * w)
+    theirs = lambda x, p: jnp.sum(
+      reference(x, p["params"]["scale"], p["params"]["bias"], 3, act) * w
+    )
+    np.testing.assert_allclose(ours(x, params), theirs(x, params), rtol=1e-12)
+    for a, b in zip(
+      jax.tree.leaves(jax.grad(ours, (0, 1))(x, params)),
+      jax.tree.leaves(jax.grad(theirs, (0, 1))(x, params)),
+      strict=True,
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(b))))
+    parts = (x[..., :5], x[..., 5:])
+    np.testing.assert_allclose(module.apply(params, parts), module.apply(params, x), rtol=1e-12)

@@ -358,11 +358,10 @@ def test_space_to_depth_layout_and_inverse():
   np.testing.assert_array_equal(layers.depth_to_space(folded, 2), x)
 
 
-def _network_under(monkeypatch, choice, value, seed):
+def _network_under(choice, value, seed):
   """(output, parameters' gradient of a squared loss, the gradient's jaxpr, parameters) of the tiny
-  U-Net on random parameters, with layers.<choice>() returning `value` while it is traced."""
-  monkeypatch.setattr(layers, choice, lambda: value)
-  config = _config()
+  U-Net on random parameters, with the speed path `choice` of `FastPaths` set to `value`."""
+  config = _config(fast={choice: value})
   x, t = _inputs(seed=seed)
   params = _random_params(config, x, t)
   apply = lambda p: models.UNet(config).apply({"params": p}, x, t)
@@ -377,17 +376,15 @@ def _assert_equal_up_to_rounding(want, got):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_held_branch_gradient_changes_no_gradient(monkeypatch):
-  """`layers.residual` off the CPU: the same function and gradient, a barrier per block."""
-  out, grads, jaxpr, params = _network_under(monkeypatch, "hold_branch_gradient", False, 4)
-  held_out, held_grads, held_jaxpr, _ = _network_under(monkeypatch, "hold_branch_gradient", True, 4)
+def test_held_branch_gradient_changes_no_gradient():
+  """`fast.skips.residual` with hold: the same function and gradient, a barrier per block."""
+  out, grads, jaxpr, params = _network_under("hold_branch_gradient", False, 4)
+  held_out, held_grads, held_jaxpr, _ = _network_under("hold_branch_gradient", True, 4)
   blocks = sum(1 for name in params if "_block_" in name or "_attn_" in name)
   barriers = held_jaxpr.count("optimization_barrier") - jaxpr.count("optimization_barrier")
   assert blocks > 0 and barriers == blocks
   np.testing.assert_array_equal(held_out, out)
   _assert_equal_up_to_rounding(grads, held_grads)
-  monkeypatch.undo()
-  assert layers.hold_branch_gradient() is (jax.default_backend() != "cpu")
 
 
 @pytest.mark.parametrize("out_channels", [8, 12])
@@ -418,11 +415,19 @@ def test_res_block_reads_parts_as_their_concatenation(out_channels):
   )
 
 
-def test_up_path_in_parts_is_the_concatenated_network(monkeypatch):
-  """`layers.skips_in_parts` (off the CPU): the same parameters, output and gradients."""
-  out, grads, _, _ = _network_under(monkeypatch, "skips_in_parts", False, 6)
-  parts_out, parts_grads, _, _ = _network_under(monkeypatch, "skips_in_parts", True, 6)
+def test_up_path_in_parts_is_the_concatenated_network():
+  """`FastPaths.skips_in_parts`: the same parameters, output and gradients."""
+  out, grads, _, _ = _network_under("skips_in_parts", False, 6)
+  parts_out, parts_grads, _, _ = _network_under("skips_in_parts", True, 6)
   _assert_equal_up_to_rounding(out, parts_out)
   _assert_equal_up_to_rounding(grads, parts_grads)
-  monkeypatch.undo()
-  assert layers.skips_in_parts() is (jax.default_backend() != "cpu")
+
+
+def test_reference_group_norm_network_is_the_fused_one():
+  """`FastPaths.group_norm`: the plain formula with autodiff against the fused operation, in the
+  whole network: the same parameters, output and gradients up to rounding."""
+  out, grads, _, params = _network_under("group_norm", "fused", 7)
+  ref_out, ref_grads, _, ref_params = _network_under("group_norm", "reference", 7)
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+  _assert_equal_up_to_rounding(out, ref_out)
+  _assert_equal_up_to_rounding(grads, ref_grads)

@@ -10,7 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.schedules import Schedule, extract
+from diffusion_jax.core.schedules import Schedule, extract
 
 # The reverse-step variance σ_t²: β_t ("fixed_large"), β̃_t ("fixed_small"), or learned per pixel
 # between the two on a log scale ("learned_range", improved DDPM): the network then outputs twice

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr as _log_ndtr
 
-from diffusion_jax import diffusion
-from diffusion_jax.diffusion import DenoiseFn
-from diffusion_jax.schedules import Schedule, extract
+from diffusion_jax.core import diffusion
+from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.schedules import Schedule, extract
 
 DECODERS = ("discretized", "continuous")
 # Half the width of one of the 256 bins of 8-bit data mapped to [-1, 1].

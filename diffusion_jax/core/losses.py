@@ -17,9 +17,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion, importance, likelihood
-from diffusion_jax.diffusion import DenoiseFn
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.core import diffusion, importance, likelihood
+from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.schedules import Schedule
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 

@@ -13,7 +13,7 @@ DPM-Solver's for discrete-time models.
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.core.schedules import Schedule
 
 # How a sampler with S < T steps spreads them over the T timesteps (see `spaced_timesteps`).
 SKIPS = ("uniform", "quadratic", "logsnr")

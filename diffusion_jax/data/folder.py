@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 ROOT_CLASS = "."

@@ -18,7 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime.errors import ConfigError
 
 # Constants that separate the data order and the flips into independent random streams.
 _SHUFFLE_STREAM = 0x5EED_0DE5

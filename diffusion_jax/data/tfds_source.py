@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_jax.data.folder import resize_and_center_crop
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime.errors import ConfigError
 
 VALID_DATASETS_HINT = (
   'valid values are a tfds image data set name (e.g. "cifar10", "mnist"), "folder" or "shapes"'

@@ -20,8 +20,11 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoints, data, likelihood, models, parallel, rng, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax import data, models
+from diffusion_jax.core import likelihood, rng
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime import checkpoints, parallel
+from diffusion_jax.runtime.errors import ConfigError
 
 FIGURES = ("bits_per_dim", "prior", "decoder", "kl")
 
@@ -32,7 +35,7 @@ def _eval_source(config: ml_collections.ConfigDict):
   return data.make_source(data_config)
 
 
-def make_eval_fn(run: train.Run, batch_size: int):
+def make_eval_fn(run: run_lib.Run, batch_size: int):
   """Compiles (ema params, images uint8 [batch_size, H, W, C], key data [batch_size, 2] uint32
   of per-image threefry keys) -> the figures of `likelihood.bits_per_dim`, each [batch_size]."""
   config = run.config
@@ -48,7 +51,7 @@ def make_eval_fn(run: train.Run, batch_size: int):
       cond = {k: jnp.broadcast_to(v, (x_t.shape[0], *v.shape[1:])) for k, v in null.items()}
       return run.model.apply({"params": params}, x_t, t, train=False, **cond)
 
-    denoise_fn = models.in_chunks(apply_fn, config.model.get("microbatch", 0), run.mesh.size)
+    denoise_fn = models.in_chunks(apply_fn, config.model.microbatch, run.mesh.size)
 
     out = likelihood.bits_per_dim(
       run.schedule,
@@ -75,7 +78,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
     (result, path): result has the mean of each figure of FIGURES over the images, the standard
     error of the bits/dim mean ("bits_per_dim_stderr"), "step", "split" and "num_examples".
   """
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   eval_config = config.eval
   batch_size = eval_config.batch_size
   try:
@@ -95,7 +98,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
   store = checkpoints.CheckpointStore(directory)
-  state = train.restore_or_init(run, store)
+  state = run_lib.restore_or_init(run, store)
   store.close()
   step = int(state.step)
 
@@ -112,7 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
     indices = np.where(indices < count, indices, b * batch_size)
     local = indices[process * rows : (process + 1) * rows]
     images = np.stack([source[int(i)]["image"] for i in local])
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(local, jnp.uint32))
+    keys = rng.example_keys(key, jnp.asarray(local, jnp.uint32))
     batch = parallel.put_batch(
       {"image": images, "keys": np.asarray(jax.random.key_data(keys))}, run.mesh
     )

@@ -13,8 +13,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import conditioning, data, images, models, parallel, samplers
-from diffusion_jax.schedules import Schedule
+from diffusion_jax import data, models
+from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.runtime import images, parallel
+from diffusion_jax.sampling import guidance, samplers
 
 
 def make_sample_fn(
@@ -40,7 +42,7 @@ def make_sample_fn(
     mesh: the device mesh; the batch is sharded over its "data" axis.
     to_uint8: return pixels; False returns the sampler's float32 x0 (for exact comparisons).
     guidance_scale: classifier-free guidance weight w for a conditional model (1: the plain
-      conditional model, 0: the unconditional one); see `conditioning.guided`.
+      conditional model, 0: the unconditional one); see `guidance.guided`.
     num_classes: the null label of a class-conditional model.
     microbatch: examples per network call on each device (`models.in_chunks`; the config's
       `model.microbatch`); 0 runs the whole batch at once.
@@ -58,7 +60,7 @@ def make_sample_fn(
   def sample_fn(params, key, first_index, cond):
     apply_fn = lambda x_t, t, **c: model.apply({"params": params}, x_t, t, train=False, **c)
     apply_fn = models.in_chunks(apply_fn, microbatch, mesh.size)
-    denoise_fn = conditioning.guided(
+    denoise_fn = guidance.guided(
       apply_fn,
       cond,
       guidance_scale,

@@ -9,8 +9,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpoints, data, rng, sampling, studies, text, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax import data, text
+from diffusion_jax.core import rng
+from diffusion_jax.experiment import generate, settings, studies
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime import checkpoints
+from diffusion_jax.runtime.errors import ConfigError
 
 
 def sample_from_checkpoint(
@@ -25,16 +29,16 @@ def sample_from_checkpoint(
   Returns:
     (png path, npz path, uint8 samples [N, H, W, C]).
   """
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   return _sample_run(run, run.sample_fn(), config, workdir)
 
 
-def _sample_run(run: train.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
+def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
   store = checkpoints.CheckpointStore(directory)
-  state = train.restore_or_init(run, store)
+  state = run_lib.restore_or_init(run, store)
   store.close()
   step = int(state.step)
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
@@ -50,15 +54,15 @@ def _sample_run(run: train.Run, sample_fn, config: ml_collections.ConfigDict, wo
     name += f"_w{scale:g}"
     extra["guidance_scale"] = np.float32(scale)
   start = time.time()
-  samples = sampling.generate(
+  samples = generate.generate(
     sample_fn, state.ema_params, key, count, config.sample.batch_size, condition
   )
   logging.info("sampled %d images in %.1fs", len(samples), time.time() - start)
-  png, npz = sampling.write_samples(workdir, name, samples, prompts=prompt_list, **extra)
+  png, npz = generate.write_samples(workdir, name, samples, prompts=prompt_list, **extra)
   return png, npz, samples
 
 
-def prompts(run: train.Run, config: ml_collections.ConfigDict) -> list[str] | None:
+def prompts(run: run_lib.Run, config: ml_collections.ConfigDict) -> list[str] | None:
   """The prompts --mode=sample draws for: sample.prompt, else the lines of sample.prompts_file,
   else one per class; None for an unconditional model (which takes no prompt).
 
@@ -66,7 +70,7 @@ def prompts(run: train.Run, config: ml_collections.ConfigDict) -> list[str] | No
     ConfigError: a prompt for an unconditional model, or a prompts file that cannot be read or
       holds no prompt.
   """
-  prompt, path = config.sample.get("prompt"), config.sample.get("prompts_file", "")
+  prompt, path = config.sample.prompt, config.sample.prompts_file
   if run.cond_kind == "none":
     if prompt or path:
       raise ConfigError(
@@ -102,7 +106,7 @@ def sample_study(
   Returns:
     ([(png, npz) per seed], (summary json, summary markdown)).
   """
-  train_seeds, sample_seed_list = train.study_seeds(config), train.sample_seeds(config)
+  train_seeds, sample_seed_list = settings.study_seeds(config), settings.sample_seeds(config)
   if train_seeds and sample_seed_list:
     raise ConfigError(
       "set either seeds (one sample set per trained seed) or sample.seeds (several sample sets "
@@ -118,7 +122,7 @@ def sample_study(
       member = ml_collections.ConfigDict(config.to_dict())
       member.sample.seed, member.sample.seeds = s, ""
       runs[s] = (member, workdir)
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   sample_fn = run.sample_fn()
   source = data.make_source(config.data)
   count = min(config.sample.num_samples, len(source))

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import tree_map
 
-from diffusion_jax.models.text import TextEncoder, TextEncoderConfig, text_config_from
+from diffusion_jax.models.fast import FastPaths
+from diffusion_jax.models.text_encoder import TextEncoder, TextEncoderConfig, text_config_from
 from diffusion_jax.models.unet import (
   CIFAR10_NUM_PARAMS,
   TextUNet,
@@ -25,6 +26,7 @@ from diffusion_jax.models.unet import check_image_size as _check_image_size
 __all__ = [
   "CIFAR10_NUM_PARAMS",
   "CONDITIONING",
+  "FastPaths",
   "TextEncoder",
   "TextEncoderConfig",
   "TextUNet",

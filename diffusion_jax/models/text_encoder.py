@@ -16,9 +16,6 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import layers
 
-# Token ids every tokenizer of the project shares (see diffusion_jax/text.py).
-PAD_ID = 0
-
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:

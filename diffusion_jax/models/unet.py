@@ -14,8 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import layers
-from diffusion_jax.models.text import PAD_ID, TextEncoder, TextEncoderConfig
+from diffusion_jax.models import attention, layers
+from diffusion_jax.models.fast import FastPaths, fast_paths_from
+from diffusion_jax.models.text_encoder import TextEncoder, TextEncoderConfig
+from diffusion_jax.text.tokens import PAD_ID
 
 CIFAR10_NUM_PARAMS = 35_746_307
 
@@ -49,19 +51,21 @@ class UNetConfig:
       cross-attention to a context sequence (text embeddings) is added; non-empty also adds it
       in the middle. Empty: no cross-attention.
     subpixel_upsample: compute each Upsample's convolution at the low resolution
-      (`layers.SubpixelConv`): the same function and parameters in 4/9 of its FLOPs, equal up
+      (`fast.subpixel.SubpixelConv`): the same function and parameters in 4/9 of its FLOPs, equal up
       to float rounding. False upsamples first, as the original does.
-    attention: "plain" or "fused" (`jax.nn.dot_product_attention`: cuDNN's flash attention on
-      GPUs where cuDNN takes the shapes, XLA's elsewhere); `layers.attention`.
+    attention: "plain" or "fused" (`jax.nn.dot_product_attention`; with
+      fast.flash_attention, cuDNN's flash attention where cuDNN takes the shapes);
+      `attention.attention`.
     conv: how the ResBlocks and the first and last layer compute their 3x3 convolutions:
-      "xla" (XLA's convolution), "winograd" (`models.winograd`: Winograd's algorithm, for
-      every float32 one), or "auto" (Winograd where it is faster: float32 on JAX's CPU
-      backend, for convolutions large enough, where it runs 1.3-1.6x faster than XLA's; XLA's
-      elsewhere, including GPUs and TPUs). The parameters are the same; the outputs agree up
-      to float rounding (about 1e-5 of their scale).
+      "xla" (XLA's convolution), "winograd" (`fast.winograd`: Winograd's algorithm, for every
+      float32 one), "winograd_large" (Winograd for the float32 convolutions large enough to
+      gain from it on a CPU), or "auto" (resolved per backend by the experiment: winograd_large
+      on CPUs, xla elsewhere; a network built with "auto" uses XLA's). The parameters are the
+      same; the outputs agree up to float rounding (about 1e-5 of their scale).
     remat: recompute each ResBlock's and attention block's activations in the backward pass
       instead of keeping them: less memory for large batches, about one more forward pass of
       compute. The same gradients up to float rounding.
+    fast: the blocks' per-backend speed paths (`fast.FastPaths`, the `model.fast` section).
   """
 
   channels: int = 128
@@ -81,6 +85,7 @@ class UNetConfig:
   attention: str = "plain"
   conv: str = "auto"
   remat: bool = False
+  fast: FastPaths = FastPaths()
 
 
 def unet_config_from(model_config: Any) -> UNetConfig:
@@ -131,6 +136,7 @@ def unet_config_from(model_config: Any) -> UNetConfig:
       attention=str(get("attention")),
       conv=str(get("conv")),
       remat=bool(get("remat")),
+      fast=fast_paths_from(get("fast")),
     )
   _check_fields(config)
   return config
@@ -148,9 +154,9 @@ def _check_fields(config: UNetConfig) -> None:
   for field in ("channels", "num_heads", "num_groups", "out_channels", "patch_size"):
     if getattr(config, field) < 1:
       raise ValueError(f"model.{field}={getattr(config, field)} must be a positive integer.")
-  if config.attention not in layers.ATTENTION_IMPLS:
+  if config.attention not in attention.ATTENTION_IMPLS:
     raise ValueError(
-      f"model.attention={config.attention!r} is not one of {layers.ATTENTION_IMPLS}."
+      f"model.attention={config.attention!r} is not one of {attention.ATTENTION_IMPLS}."
     )
   if config.conv not in layers.CONV_IMPLS:
     raise ValueError(f"model.conv={config.conv!r} is not one of {layers.CONV_IMPLS}.")
@@ -296,21 +302,23 @@ class UNet(nn.Module):
 
     # With remat, `train` (argument 3, counting the module) picks code paths: it stays static.
     res_cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if cfg.remat else layers.ResBlock
-    attn_cls = nn.remat(layers.AttnBlock) if cfg.remat else layers.AttnBlock
-    cross_cls = nn.remat(layers.CrossAttnBlock) if cfg.remat else layers.CrossAttnBlock
+    attn_cls = nn.remat(attention.AttnBlock) if cfg.remat else attention.AttnBlock
+    cross_cls = nn.remat(attention.CrossAttnBlock) if cfg.remat else attention.CrossAttnBlock
 
     def res_block(h, out_channels, name):
-      block = res_cls(out_channels, cfg.dropout, cfg.num_groups, dtype, cfg.conv, name=name)
+      block = res_cls(
+        out_channels, cfg.dropout, cfg.num_groups, dtype, cfg.conv, cfg.fast, name=name
+      )
       return block(h, temb, train, dropout_keys)
 
     def attn_block(h, name):
-      block = attn_cls(cfg.num_heads, cfg.num_groups, dtype, cfg.attention, name=name)
+      block = attn_cls(cfg.num_heads, cfg.num_groups, dtype, cfg.attention, cfg.fast, name=name)
       return block(h)
 
     def cross_attn_block(h, name, middle=False):
       if not cross or not (middle or h.shape[1] in cfg.cross_attn_resolutions):
         return h
-      block = cross_cls(cfg.num_heads, cfg.num_groups, dtype, cfg.attention, name=name)
+      block = cross_cls(cfg.num_heads, cfg.num_groups, dtype, cfg.attention, cfg.fast, name=name)
       return block(h, context, context_mask)
 
     num_levels = len(cfg.channel_mult)
@@ -335,7 +343,7 @@ class UNet(nn.Module):
     for level in reversed(range(num_levels)):
       for i in range(cfg.num_res_blocks + 1):
         skip = skips.pop()
-        h = (h, skip) if layers.skips_in_parts() else jnp.concatenate([h, skip], axis=-1)
+        h = (h, skip) if cfg.fast.skips_in_parts else jnp.concatenate([h, skip], axis=-1)
         h = res_block(h, cfg.channels * cfg.channel_mult[level], f"up_{level}_block_{i}")
         if h.shape[1] in cfg.attn_resolutions:
           h = attn_block(h, f"up_{level}_attn_{i}")
@@ -347,7 +355,7 @@ class UNet(nn.Module):
         h = up(h)
     assert not skips, "every down-path output must be consumed by the up path"
 
-    h = layers.group_norm(cfg.num_groups, dtype, "norm_out", act="swish")(h)
+    h = layers.group_norm(cfg.num_groups, dtype, "norm_out", "swish", cfg.fast)(h)
     h = layers.conv3x3(cfg.out_channels * p * p, dtype, "conv_out", zero=True, conv=cfg.conv)(h)
     if p > 1:
       h = layers.depth_to_space(h, p)

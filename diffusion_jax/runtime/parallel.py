@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime.errors import ConfigError
 
 DATA_AXIS = "data"
 

@@ -18,15 +18,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import DenoiseFn, p_mean_variance
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.solvers import (
+from diffusion_jax.core import rng
+from diffusion_jax.core.diffusion import DenoiseFn, p_mean_variance
+from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.core.timesteps import SKIPS, respace, spaced_timesteps
+from diffusion_jax.sampling.solvers import (
   dpm_solver_pp_sample,
   heun_sample,
   model_predictions,
   prediction_channels,
 )
-from diffusion_jax.timesteps import SKIPS, respace, spaced_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "heun")
 FIXED_VARIANCES = ("fixed_large", "fixed_small")
@@ -47,8 +48,7 @@ _OPTIONS = {
 
 def per_sample_keys(key: jax.Array, batch_size: int, first_index: int | jax.Array = 0) -> jax.Array:
   """Keys [B] with keys[i] = fold_in(key, first_index + i)."""
-  indices = first_index + jnp.arange(batch_size, dtype=jnp.uint32)
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  return rng.example_keys(key, first_index + jnp.arange(batch_size, dtype=jnp.uint32))
 
 
 def _normal(keys: jax.Array, shape: Sequence[int]) -> jax.Array:

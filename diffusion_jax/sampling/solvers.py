@@ -18,9 +18,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import DenoiseFn
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.timesteps import (
+from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.core.timesteps import (
   karras_sigmas,
   log_snr,
   noise_to_signal,

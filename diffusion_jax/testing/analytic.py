@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import DenoiseFn
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.timesteps import alphas_cumprod_at, noise_to_signal
+from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.core.timesteps import alphas_cumprod_at, noise_to_signal
 
 
 @flax.struct.dataclass

@@ -15,10 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from absl import logging
 
-from diffusion_jax.models.text import PAD_ID
+from diffusion_jax.text.tokens import PAD, PAD_ID, START, START_ID, UNK, UNK_ID
 
-PAD, START, UNK = "<pad>", "<start>", "<unk>"
-START_ID, UNK_ID = 1, 2
 _WORD = re.compile(r"[a-z0-9]+")
 
 

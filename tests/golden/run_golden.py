@@ -20,7 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shapes  # noqa: E402
-from diffusion_jax import checkpoints, sample_mode, train  # noqa: E402
+from diffusion_jax.experiment import run as run_lib  # noqa: E402
+from diffusion_jax.experiment import sample_mode, train  # noqa: E402
+from diffusion_jax.runtime import checkpoints  # noqa: E402
 
 
 def golden_config():
@@ -67,9 +69,9 @@ def main(workdir: str) -> None:
   train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f]
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  state = train.restore_or_init(run, store)
+  state = run_lib.restore_or_init(run, store)
   store.close()
   _, _, samples = sample_mode.sample_from_checkpoint(config, workdir)
   print(

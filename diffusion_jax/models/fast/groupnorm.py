@@ -9,10 +9,10 @@ This version makes as few passes as the arithmetic allows:
   y = act(x * a + b) with a per-(example, channel) affine (one read, one write);
 - backward: the gradient through the activation and the two per-(example, channel) sums it needs,
   sum dz and sum dz * x (one read of x and dy), then dx = dz * a' + x * b' + c' (one more read of
-  both and one write; on GPUs and TPUs it recomputes dz rather than keep it in float32, see
-  `recompute_dz`). Only x and [B, C]-sized statistics are kept between the forward and the
-  backward pass, where autodiff of the plain formula keeps x - mean in float32 (XLA's temporary
-  memory of the CIFAR-10 train step drops by 9% on a CPU).
+  both and one write; with `recompute_dz` it recomputes dz rather than keep it in float32,
+  which moves fewer bytes where memory bandwidth is the limit). Only x and [B, C]-sized
+  statistics are kept between the forward and the backward pass, where autodiff of the plain
+  formula (`layers.ReferenceGroupNorm`) keeps x - mean in float32.
 
 The input may also come in parts along the channel axis (the U-Net's up path hands over h and a
 skip connection): the sums are taken per part and the output written from the parts, so their
@@ -114,6 +114,7 @@ def group_norm(
   epsilon: float,
   act: str = "none",
   dtype=None,
+  recompute_dz: bool = False,
 ) -> jax.Array:
   """act(GroupNorm(x) * scale + bias) over the last axis.
 
@@ -126,20 +127,24 @@ def group_norm(
     epsilon: added to the variance.
     act: "none" or "swish".
     dtype: dtype of the output (None: x's).
+    recompute_dz: the backward pass recomputes dz from x and dy for dx, rather than keep it from
+      the pass that sums it (fewer bytes moved, more arithmetic: pays where bandwidth is the
+      limit, on GPUs and TPUs).
 
   Returns:
     [B, ..., C] in `dtype`. Differentiable in reverse mode with respect to x, scale and bias.
   """
   parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-  return _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype)
+  return _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype, recompute_dz)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype):
-  return _forward(parts, scale, bias, num_groups, epsilon, act, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _group_norm(parts, scale, bias, num_groups, epsilon, act, dtype, recompute_dz):
+  return _forward(parts, scale, bias, num_groups, epsilon, act, dtype, recompute_dz)[0]
 
 
-def _forward(parts, scale, bias, num_groups, epsilon, act, dtype):
+def _forward(parts, scale, bias, num_groups, epsilon, act, dtype, recompute_dz):
+  del recompute_dz
   mean, rstd = _stats(parts, num_groups, epsilon)
   a, b = _affine(parts[0].ndim, scale, bias, mean, rstd)
   y = _concat(
@@ -149,17 +154,6 @@ def _forward(parts, scale, bias, num_groups, epsilon, act, dtype):
     ]
   )
   return y.astype(dtype or jnp.result_type(*parts)), (parts, scale, bias, mean, rstd)
-
-
-def recompute_dz() -> bool:
-  """Whether the backward pass recomputes dz for dx rather than keeping it from the sums' pass.
-
-  Where memory bandwidth is the limit (GPUs, TPUs) recomputing is cheaper: XLA's program for an
-  H100 moves 1.8 GB less per CIFAR-10 step. On a CPU the arithmetic (the sigmoid) is the limit:
-  recomputing made the float32 step 6% slower on 2 cores (benchmarks/RESULTS.md). Decided when
-  the step is traced.
-  """
-  return jax.default_backend() != "cpu"
 
 
 def _grad_z(x, dy, a, shift, act):
@@ -173,7 +167,7 @@ def _grad_z(x, dy, a, shift, act):
   return xf, dz
 
 
-def _backward(num_groups, epsilon, act, dtype, residuals, dy):
+def _backward(num_groups, epsilon, act, dtype, recompute_dz, residuals, dy):
   del epsilon, dtype
   parts, scale, bias, mean, rstd = residuals
   c, ndim = scale.shape[-1], parts[0].ndim
@@ -196,7 +190,7 @@ def _backward(num_groups, epsilon, act, dtype, residuals, dy):
   m1, m2 = per_group(sum_dz), per_group(sum_dz_xhat)
   k_x = _per_channel(-jnp.square(rstd) * m2, ndim, c)
   k_0 = _per_channel(rstd * (rstd * mean * m2 - m1), ndim, c)
-  if recompute_dz():
+  if recompute_dz:
     # The second pass recomputes dz from x and dy (the barrier stops XLA from sharing the first
     # pass's): reading both again costs less than writing and reading dz in float32.
     # dy passes whole: a barrier on its slices would write them out.
@@ -223,6 +217,7 @@ class GroupNorm(nn.Module):
     act: "none" or "swish", applied to the normalised output in the same pass.
     dtype: dtype of the output (None: the input's).
     param_dtype: dtype of scale and bias.
+    recompute_dz: see `group_norm`.
   """
 
   num_groups: int
@@ -230,6 +225,7 @@ class GroupNorm(nn.Module):
   act: str = "none"
   dtype: jnp.dtype | None = None
   param_dtype: jnp.dtype = jnp.float32
+  recompute_dz: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
@@ -241,4 +237,6 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: unknown act {self.act!r}; valid: {', '.join(ACTIVATIONS)}")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.act, self.dtype)
+    return group_norm(
+      x, scale, bias, self.num_groups, self.epsilon, self.act, self.dtype, self.recompute_dz
+    )

@@ -59,10 +59,11 @@ _TRANSFORMS = {
   ),
 }
 
-# With model.conv="auto", the multiply-adds per image (H W C_in C_out) from which Winograd is
-# faster than XLA's convolution, on maps of at least 16 x 16 (F(4x4)) and on 8 x 8 maps (F(2x2),
-# whose transforms cost relatively more); smaller maps keep XLA's. Measured on a 2-core x86 CPU
-# with the forward pass and both gradients together (`benchmarks/conv_grad.py --winograd`).
+# With model.conv="winograd_large" (what "auto" becomes on a CPU), the multiply-adds per image
+# (H W C_in C_out) from which Winograd is faster than XLA's convolution, on maps of at least
+# 16 x 16 (F(4x4)) and on 8 x 8 maps (F(2x2), whose transforms cost relatively more); smaller
+# maps keep XLA's. Measured on a 2-core x86 CPU with the forward pass and both gradients
+# together (`benchmarks/conv_grad.py --winograd`).
 F4_MIN_WORK = 2**22
 F2_MIN_WORK = 2**23
 
@@ -78,20 +79,20 @@ def tile_size(
     height, width: feature-map size.
     in_channels, out_channels: channels of the input and output.
     dtype: compute dtype; only float32 uses Winograd (see the module docstring).
-    conv: "xla" (never Winograd), "winograd" (always, in float32) or "auto" (where it is
-      faster: on JAX's CPU backend, maps of at least 16 x 16 with `F4_MIN_WORK` multiply-adds
-      per image or more, or 8 x 8 maps with `F2_MIN_WORK`).
+    conv: "xla" (never Winograd), "winograd" (always, in float32) or "winograd_large" (where
+      it is faster on a CPU: maps of at least 16 x 16 with `F4_MIN_WORK` multiply-adds per
+      image or more, or 8 x 8 maps with `F2_MIN_WORK`). An unresolved "auto" is "xla".
 
   Returns:
     4 (maps of at least 16 x 16), 2 (smaller ones) or 0.
   """
-  if conv == "xla" or jnp.dtype(dtype) != jnp.float32:
+  if conv in ("xla", "auto") or jnp.dtype(dtype) != jnp.float32:
     return 0
   m = 4 if min(height, width) >= 16 else 2
-  if conv == "auto":
+  if conv == "winograd_large":
     work = height * width * in_channels * out_channels
     least = {4: F4_MIN_WORK, 2: F2_MIN_WORK}[m]
-    if jax.default_backend() != "cpu" or min(height, width) < 8 or work < least:
+    if min(height, width) < 8 or work < least:
       return 0
   return m
 
@@ -236,7 +237,7 @@ def conv_general_dilated(
   precision=None,
   preferred_element_type=None,
   *,
-  conv: str = "auto",
+  conv: str = "winograd_large",
 ):
   """`lax.conv_general_dilated`, by `conv3x3` where `tile_size(..., conv)` picks Winograd.
 

@@ -1,0 +1,258 @@
+"""A run: the config validated and turned into frozen settings, the model, schedule, mesh and
+optimizer, and the train state restored from a workdir or freshly initialised.
+
+Fast paths set to "auto" are resolved here, once, from the backend (`resolve_fast_paths`).
+"""
+
+import copy
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import data, text
+from diffusion_jax.core import rng
+from diffusion_jax.core.schedules import Schedule, make_schedule
+from diffusion_jax.experiment import generate, settings
+from diffusion_jax.experiment.optim import make_optimizer
+from diffusion_jax.experiment.train_step import TrainState, init_state
+from diffusion_jax.models import condition_kind, fast, make_model
+from diffusion_jax.runtime import checkpoints, parallel
+from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.sampling import guidance
+
+
+def schedule_from_config(diffusion_config: settings.DiffusionSettings) -> Schedule:
+  """The noise schedule named by the config's `diffusion` section."""
+  kwargs = {}
+  if diffusion_config.schedule == "linear":
+    kwargs = dict(beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end)
+  elif diffusion_config.schedule == "cosine":
+    kwargs = dict(s=diffusion_config.cosine_s)
+  try:
+    return make_schedule(diffusion_config.schedule, diffusion_config.num_timesteps, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"diffusion.schedule / diffusion.num_timesteps: {e}") from e
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop and the sample mode share: the model, schedule, mesh and compiled functions."""
+
+  config: ml_collections.ConfigDict  # with every "auto" resolved (`resolve_auto`)
+  train: settings.TrainSettings
+  diffusion: settings.DiffusionSettings
+  sample: settings.SampleSettings
+  model: nn.Module
+  schedule: Schedule
+  mesh: Any
+  tx: optax.GradientTransformation
+  image_shape: tuple[int, int, int]
+  # What the model is conditioned on (`models.CONDITIONING`), the null label of a
+  # class-conditional model, and the prompt tokenizer of a text-conditional one.
+  cond_kind: str = "none"
+  num_classes: int = 0
+  tokenizer: text.Tokenizer | None = None
+  class_names: tuple[str, ...] = ()
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    """`init_state` for this run's model, optimizer and t sampling."""
+    importance_sampling = self.diffusion.t_sampling == "importance"
+    return init_state(
+      self.model,
+      self.tx,
+      self.image_shape,
+      key,
+      t_history_size=self.schedule.num_timesteps if importance_sampling else None,
+      example_condition=self.prompt_condition([""]) if self.cond_kind != "none" else None,
+    )
+
+  def grid_prompts(self, num_images: int):
+    """What a training-time sample grid shows: (prompts or None, condition or None, count).
+
+    An unconditional model draws `num_images` images; a conditional one about as many, spread
+    evenly over one prompt per class (at least one image each), with guidance as configured.
+    """
+    if self.cond_kind == "none":
+      return None, None, num_images
+    prompts = [text.class_caption(name) for name in self.class_names]
+    per_prompt = max(1, num_images // len(prompts))
+    condition = self.prompt_condition(prompts)
+    condition = {k: np.repeat(v, per_prompt, axis=0) for k, v in condition.items()}
+    return prompts, condition, per_prompt * len(prompts)
+
+  def prompt_condition(self, prompts: list[str]) -> dict[str, np.ndarray]:
+    """The condition of each prompt: token ids (text), or the label of the class it names.
+
+    An empty prompt is the null condition (an unconditional sample). A text prompt with
+    unknown words is used with a warning (`text.Tokenizer.encode`).
+
+    Raises:
+      ConfigError: a class-conditional model is given a prompt that names no class.
+    """
+    if self.cond_kind == "text":
+      return {"tokens": self.tokenizer.encode(prompts)}
+    if self.cond_kind == "class":
+      try:
+        return {"labels": guidance.class_labels(prompts, self.class_names)}
+      except ValueError as e:
+        raise ConfigError(f"sample.prompt: {e}") from e
+    if any(prompts):
+      raise ConfigError("sample.prompt: this model is unconditional; it takes no prompt")
+    return {}
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes and dtypes, replicated over the mesh, without computing anything."""
+    shapes = jax.eval_shape(self.init_state, jax.random.key(0))
+    sharding = parallel.replicated(self.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+  def sample_fn(self, **options):
+    """`generate.make_sample_fn` for the config's sample section, plus `options` (to_uint8)."""
+    sample = self.sample
+    return generate.make_sample_fn(
+      self.model,
+      self.schedule,
+      self.image_shape,
+      sample.batch_size,
+      self.mesh,
+      sampler=sample.sampler,
+      num_steps=sample.num_steps,
+      eta=sample.eta,
+      skip=sample.skip,
+      variance=self.diffusion.variance,
+      clip_x0=self.diffusion.clip_x0,
+      prediction=self.diffusion.prediction,
+      guidance_scale=float(sample.guidance_scale),
+      num_classes=self.num_classes,
+      microbatch=self.config.model.microbatch,
+      **options,
+    )
+
+
+def resolve_auto(config: ml_collections.ConfigDict, backend: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with every "auto" speed setting replaced by its choice for `backend`.
+
+  Covers model.conv, model.fast.* and train.seed_batching; logs the choices in one line. The
+  model code only ever sees the resolved values, which the run's config.json records.
+  """
+  config = copy.deepcopy(config)
+  chosen = []
+
+  def pick(section, name, value, label):
+    if value != section[name]:
+      section[name] = value
+      chosen.append(f"{label}={value}")
+
+  for name in fast.AUTO:
+    value = fast.resolve(name, config.model.fast[name], backend)
+    pick(config.model.fast, name, value, f"model.fast.{name}")
+  pick(config.model, "conv", fast.resolve("conv", config.model.conv, backend), "model.conv")
+  if config.train.seed_batching == "auto":
+    table = settings.SEED_BATCHING_AUTO
+    pick(config.train, "seed_batching", table.get(backend, table["other"]), "train.seed_batching")
+  if chosen:
+    logging.info("auto settings on the %s backend: %s", backend, ", ".join(chosen))
+  return config
+
+
+def make_run(config: ml_collections.ConfigDict) -> Run:
+  """Validates `config` and builds everything that does not depend on the data or the state.
+
+  "auto" settings are resolved here, from the backend, once (`resolve_auto`); `Run.config` holds
+  the resolved config.
+  """
+  for section, name in (("model", "fast"), ("model", "conv"), ("train", "seed_batching")):
+    if name not in config[section]:
+      raise ConfigError(
+        f"the config has no field {section}.{name}; build configs on configs/default.py"
+      )
+  config = resolve_auto(config, jax.default_backend())
+  mesh = parallel.make_mesh()
+  settings.check_config(config, mesh)
+  train = settings.from_section(settings.TrainSettings, config.train, "train")
+  diffusion = settings.from_section(settings.DiffusionSettings, config.diffusion, "diffusion")
+  sample = settings.from_section(settings.SampleSettings, config.sample, "sample")
+  image_size = config.data.image_size
+  cond_kind = condition_kind(config.model)
+  if train.steps_per_call > 1 and jax.default_backend() == "cpu":
+    logging.warning(
+      "train.steps_per_call=%d on a CPU: XLA:CPU runs the convolution gradients inside the "
+      "step loop on a slow path (about 15x slower steps, benchmarks/results/fast_paths.md); it "
+      "pays off on GPUs and TPUs only. Set --config.train.steps_per_call=1 here.",
+      train.steps_per_call,
+    )
+  tokenizer, class_names = None, ()
+  if cond_kind != "none":
+    source = data.make_source(config.data)
+    class_names = tuple(source.class_names)
+    if cond_kind == "class" and config.model.num_classes != source.num_classes:
+      raise ConfigError(
+        f"model.num_classes={config.model.num_classes} but data.dataset="
+        f"{config.data.dataset!r} has {source.num_classes} classes; set model.num_classes="
+        f"{source.num_classes}"
+      )
+    if cond_kind == "text":
+      if config.data.random_flip and hasattr(source, "caption"):
+        logging.warning(
+          "data.random_flip=True with captions that name positions: a flipped image keeps the "
+          "caption of the unflipped one, so 'left' and 'right' are wrong for half of them; set "
+          "--config.data.random_flip=false"
+        )
+      tokenizer = text.tokenizer_for(source, config.model.text.max_length)
+      if len(tokenizer) > config.model.text.vocab_size:
+        raise ConfigError(
+          f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+          f"{len(tokenizer)} tokens of the captions of data.dataset={config.data.dataset!r}; "
+          f"set it to at least {len(tokenizer)}"
+        )
+  return Run(
+    config=config,
+    train=train,
+    diffusion=diffusion,
+    sample=sample,
+    model=make_model(config.model),
+    schedule=schedule_from_config(diffusion),
+    mesh=mesh,
+    tx=make_optimizer(train),
+    image_shape=(image_size, image_size, 3),
+    cond_kind=cond_kind,
+    num_classes=int(config.model.num_classes),
+    tokenizer=tokenizer,
+    class_names=class_names,
+  )
+
+
+def restore_or_init(run: Run, store: checkpoints.CheckpointStore) -> TrainState:
+  """The latest readable checkpoint's state, or a fresh one from the init stream."""
+  return restore_or_init_seeds(run, [store], [run.config.seed])[0]
+
+
+def restore_or_init_seeds(
+  run: Run, stores: list[checkpoints.CheckpointStore], seeds: list[int]
+) -> list[TrainState]:
+  """One state per seed: all from the newest step every store holds, or all fresh.
+
+  Raises:
+    ConfigError: some seeds have checkpoints and others none.
+  """
+  abstract = run.abstract_state()
+  try:
+    restored = checkpoints.restore_latest_common(stores, flax.serialization.to_state_dict(abstract))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if restored is not None:
+    step, state_dicts, _ = restored
+    logging.info("resumed from the checkpoint at step %d", step)
+    return [flax.serialization.from_state_dict(abstract, d) for d in state_dicts]
+  init = jax.jit(
+    run.init_state,
+    out_shardings=parallel.replicated(run.mesh),
+  )
+  return [init(rng.stream_key(seed, rng.INIT)) for seed in seeds]

@@ -1,0 +1,196 @@
+"""The config's checks and its sections as frozen settings (`configs/default.py` holds every
+default; nothing here supplies another)."""
+
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+import ml_collections
+
+from diffusion_jax.core import diffusion, losses
+from diffusion_jax.experiment import studies
+from diffusion_jax.models import check_model_config
+from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.sampling import samplers
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Validates the config before anything is compiled; raises ConfigError (one line)."""
+  try:
+    check_model_config(config.model, config.data.image_size)
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    parallel.check_batch_size(config.sample.batch_size, mesh, field="sample.batch_size")
+    samplers.check_sampler(
+      config.sample.sampler,
+      config.sample.num_steps,
+      config.diffusion.num_timesteps,
+      skip=config.sample.skip,
+      eta=config.sample.eta,
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  study_seeds(config)
+  sample_seeds(config)
+  seed_batching(config)
+  if config.train.num_steps < 0:
+    raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 0")
+  if config.diffusion.variance not in diffusion.VARIANCES:
+    raise ConfigError(
+      f"diffusion.variance={config.diffusion.variance!r} is unknown; "
+      f"valid: {', '.join(diffusion.VARIANCES)}"
+    )
+  loss_type = config.diffusion.loss
+  if loss_type not in losses.LOSS_TYPES:
+    raise ConfigError(
+      f"diffusion.loss={loss_type!r} is unknown; valid: {', '.join(losses.LOSS_TYPES)}"
+    )
+  try:
+    losses.check_loss(loss_type, config.diffusion.variance)
+  except ValueError as e:
+    raise ConfigError(f"diffusion.loss={loss_type!r}: {e}") from e
+  channels = diffusion.output_channels(3, config.diffusion.variance)
+  if config.model.out_channels != channels:
+    raise ConfigError(
+      f"model.out_channels={config.model.out_channels} does not fit "
+      f"diffusion.variance={config.diffusion.variance!r}; set it to {channels}"
+    )
+  if config.diffusion.t_sampling not in T_SAMPLING:
+    raise ConfigError(
+      f"diffusion.t_sampling={config.diffusion.t_sampling!r} is unknown; "
+      f"valid: {', '.join(T_SAMPLING)}"
+    )
+  drop_prob = config.train.cond_drop_prob
+  if not 0.0 <= drop_prob <= 1.0:
+    raise ConfigError(f"train.cond_drop_prob={drop_prob} must be a probability in [0, 1]")
+  scale = config.sample.guidance_scale
+  if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    raise ConfigError(f"sample.guidance_scale={scale!r} must be a finite number (e.g. 3)")
+  if config.diffusion.prediction not in diffusion.PREDICTIONS:
+    raise ConfigError(
+      f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
+      f"valid: {', '.join(diffusion.PREDICTIONS)}"
+    )
+  chunk = config.model.microbatch
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise ConfigError(
+      f"model.microbatch={chunk!r} must be an integer >= 0 (examples per network call on each "
+      "device; 0: the whole batch)"
+    )
+  k = config.train.steps_per_call
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"train.steps_per_call={k!r} must be a positive integer (1: one step)")
+  if k > 1 and study_seeds(config) is not None:
+    raise ConfigError(
+      f"train.steps_per_call={k} cannot be combined with a seed study (seeds="
+      f"{config.seeds!r}); set train.steps_per_call=1"
+    )
+
+
+def study_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
+  """The seeds of a training seed study (`config.seeds`), or None for a single run."""
+  try:
+    return studies.parse_seeds(config.seeds) or None
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+SEED_BATCHING = ("auto", "vmap", "unroll")
+# What "auto" becomes, by backend (a run resolves it in `run.resolve_auto`).
+SEED_BATCHING_AUTO = {"cpu": "unroll", "other": "vmap"}
+T_SAMPLING = ("uniform", "importance")
+
+
+def seed_batching(config: ml_collections.ConfigDict) -> str:
+  """How the seeds of a study share the program: "vmap" or "unroll" (configs/default.py); the
+  config's value, which `run.resolve_auto` has made concrete in a run."""
+  mode = config.train.seed_batching
+  if mode not in SEED_BATCHING:
+    raise ConfigError(f"train.seed_batching={mode!r} is unknown; valid: {', '.join(SEED_BATCHING)}")
+  return mode
+
+
+def sample_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
+  """The sample seeds of a sampling seed study (`config.sample.seeds`), or None."""
+  try:
+    return studies.parse_seeds(config.sample.seeds, field="sample.seeds") or None
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+# ---------------------------------------------------------------- frozen settings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """The `train` section (meanings in configs/default.py)."""
+
+  batch_size: int
+  num_steps: int
+  learning_rate: float
+  warmup_steps: int
+  cooldown_steps: int
+  adam_b1: float
+  adam_b2: float
+  adam_eps: float
+  grad_clip: float
+  ema_decay: float
+  log_every: int
+  checkpoint_every: int
+  sample_every: int
+  num_grid_samples: int
+  keep_checkpoints: int
+  steps_per_call: int
+  progress: bool
+  seed_batching: str
+  cond_drop_prob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+  """The `diffusion` section (meanings in configs/default.py)."""
+
+  schedule: str
+  num_timesteps: int
+  beta_start: float
+  beta_end: float
+  cosine_s: float
+  variance: str
+  clip_x0: bool
+  prediction: str
+  loss: str
+  vlb_weight: float
+  t_sampling: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """The `sample` section (meanings in configs/default.py)."""
+
+  sampler: str
+  num_steps: int | None
+  eta: float
+  skip: str
+  num_samples: int
+  batch_size: int
+  seed: int
+  seeds: str
+  prompt: str | None
+  prompts_file: str
+  guidance_scale: float
+
+
+S = TypeVar("S")
+
+
+def from_section(cls: type[S], section: Any, name: str) -> S:
+  """`cls` with each field read from the config section `name`; a missing field is a ConfigError
+  (a config must start from configs/default.py, which has them all)."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in section:
+      raise ConfigError(
+        f"the config has no field {name}.{field.name}; build configs on configs/default.py"
+      )
+    values[field.name] = section[field.name]
+  return cls(**values)

@@ -1,0 +1,1 @@
+"""Data sets with exact scores, for verifying samplers in tests and benchmarks."""
