@@ -1,26 +1,25 @@
-"""The train step's choices made per backend at trace time, each flipped, timed against the default.
+"""The train step's per-backend speed paths (model.fast), each flipped, timed against the default.
 
 Run from the repository root:
   python benchmarks/backend_choices.py                   # CIFAR-10 network, batch 32
   python benchmarks/backend_choices.py --dtype=bfloat16 --attention=fused --batch=128 \
     --steps_per_call=8                                   # a GPU
 
-Some of the step's program is chosen by the backend when the step is traced, not by the config:
-whether GroupNorm's backward pass recomputes dz (`groupnorm.recompute_dz`), whether a residual
-block holds its branch's gradient apart (`layers.hold_branch_gradient`), whether the up path
-hands its ResBlocks (h, skip) instead of their concatenation (`layers.skips_in_parts`), and
-whether fused attention asks for cuDNN's flash attention (`layers.flash_attention`). Each is
-decided from measurements on one kind of machine. This script compiles the step as the trainer
-does (state donated) with the defaults of the backend it runs on and once more with each choice
+The model.fast flags that a run resolves from the backend when they say "auto": whether
+GroupNorm's backward pass recomputes dz (`recompute_dz`), whether a residual block holds its
+branch's gradient apart (`hold_branch_gradient`), whether the up path hands its ResBlocks
+(h, skip) instead of their concatenation (`skips_in_parts`), and whether fused attention asks for
+cuDNN's flash attention (`flash_attention`). Each "auto" is decided from measurements on one kind
+of machine (`models/fast/__init__.py`). This script compiles the step as the trainer does (state
+donated) with the choices "auto" makes on the backend it runs on and once more with each choice
 flipped, then times all of them in alternating rounds, so that every variant sees the same
 machine state. Each round queues --calls calls per variant and waits once, so the host's dispatch
 overlaps the device's work as in the trainer; each call runs --steps_per_call steps (the trainer's
 train.steps_per_call), and the per-step time is the round's time over the steps. The loss after the
 last call is printed as well: a flip changes float rounding only. Prints a Markdown table for
-benchmarks/RESULTS.md.
+benchmarks/results/train_step_gpu.md.
 """
 
-import contextlib
 import importlib
 import os
 import shlex
@@ -35,16 +34,14 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import parallel, rng, train  # noqa: E402
-from diffusion_jax.models import groupnorm, layers  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib  # noqa: E402
+from diffusion_jax.experiment import train_step as step_lib  # noqa: E402
+from diffusion_jax.models import fast  # noqa: E402
+from diffusion_jax.runtime import parallel  # noqa: E402
 
-# name: (module, function); each function returns whether the choice is on.
-CHOICES = {
-  "recompute_dz": (groupnorm, "recompute_dz"),
-  "hold_branch_gradient": (layers, "hold_branch_gradient"),
-  "skips_in_parts": (layers, "skips_in_parts"),
-  "flash_attention": (layers, "flash_attention"),
-}
+# The model.fast flags that "auto" sets per backend.
+CHOICES = tuple(fast.AUTO)
 
 FLAGS = flags.FLAGS
 
@@ -60,16 +57,12 @@ def define_flags():
   flags.DEFINE_integer("steps_per_call", 1, "Train steps per call (train.steps_per_call).")
 
 
-@contextlib.contextmanager
-def flipped(name: str):
-  """The choice `name` negated while the step is traced, then restored."""
-  module, attr = CHOICES[name]
-  original = getattr(module, attr)
-  setattr(module, attr, lambda: not original())
-  try:
-    yield
-  finally:
-    setattr(module, attr, original)
+def flipped_config(config, flip: str | None):
+  """`config` with "auto" resolved for this backend, and model.fast.<flip> then negated."""
+  config = run_lib.resolve_auto(config, jax.default_backend())
+  if flip:
+    config.model.fast[flip] = "false" if config.model.fast[flip] == "true" else "true"
+  return config
 
 
 def build(config, flip: str | None, steps_per_call: int = 1):
@@ -78,7 +71,7 @@ def build(config, flip: str | None, steps_per_call: int = 1):
   The arguments are [state, batch, key], or with `steps_per_call` = k > 1 [state, k batches, k,
   key]: each call runs k steps.
   """
-  run = train.make_run(config)
+  run = run_lib.make_run(flipped_config(config, flip))
   init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
   state = init(rng.stream_key(config.seed, rng.INIT))
   images = np.random.default_rng(0).integers(
@@ -91,10 +84,8 @@ def build(config, flip: str | None, steps_per_call: int = 1):
     args += [np.int32(steps_per_call), key]
   else:
     args = [state, parallel.put_batch({"image": images}, run.mesh), key]
-  with flipped(flip) if flip else contextlib.nullcontext():
-    step = train.compile_train_step(run, steps_per_call=steps_per_call)
-    compiled = step.lower(*args).compile()
-  return compiled, args
+  step = step_lib.compile_train_step(run, steps_per_call=steps_per_call)
+  return step.lower(*args).compile(), args
 
 
 def time_rounds(
@@ -120,11 +111,12 @@ def main(argv):
   config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
   config.train.batch_size = FLAGS.batch
   config.model.dtype = FLAGS.dtype or config.model.dtype
-  config.model.attention = FLAGS.attention or config.model.get("attention", "plain")
+  config.model.attention = FLAGS.attention or config.model.attention
   unknown = sorted(set(FLAGS.flip) - set(CHOICES))
   if unknown:
     raise app.UsageError(f"--flip: unknown {', '.join(unknown)}; known: {', '.join(CHOICES)}")
-  defaults = {name: getattr(*CHOICES[name])() for name in CHOICES}
+  resolved = flipped_config(config, None).model.fast
+  defaults = {name: resolved[name] == "true" for name in CHOICES}
   programs = {}
   for flip in [None, *FLAGS.flip]:
     name = "defaults" if flip is None else f"{flip} {'off' if defaults[flip] else 'on'}"

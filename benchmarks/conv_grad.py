@@ -37,8 +37,8 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import hostmem  # noqa: E402
-from diffusion_jax.models import winograd  # noqa: E402
+from diffusion_jax.models.fast import winograd  # noqa: E402
+from diffusion_jax.runtime import hostmem  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Images per call.")

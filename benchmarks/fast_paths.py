@@ -13,7 +13,7 @@ Winograd convolutions and the sub-pixel Upsample, and in chunks of `--microbatch
 `train.steps_per_call` = 1 against k (per-step time; the dispatch overhead it removes matters
 for small models). Memory is XLA's `memory_analysis()` of each
 compiled program: the temporary buffers beyond the arguments and outputs, which is what remat
-trades for compute. Prints Markdown tables for benchmarks/RESULTS.md.
+trades for compute. Prints Markdown tables for benchmarks/results/fast_paths.md.
 """
 
 import importlib
@@ -31,7 +31,14 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
+from diffusion_jax import models  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import (
+  hostmem,  # noqa: E402
+  parallel,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Train batch of the CIFAR-10 network.")
@@ -62,12 +69,12 @@ def make_run(name: str, batch: int, **model):
   config.train.batch_size = batch
   for field, value in model.items():
     config.model[field] = value
-  return train.make_run(config)
+  return run_lib.make_run(config)
 
 
 def init_state(run):
   init = jax.jit(
-    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key),
     out_shardings=parallel.replicated(run.mesh),
   )
   return init(rng.stream_key(run.config.seed, rng.INIT))
@@ -85,7 +92,7 @@ class TrainCall:
     self.steps = steps_per_call
     images = np.random.default_rng(0).integers(0, 256, (batch, *run.image_shape), dtype=np.uint8)
     key = rng.stream_key(run.config.seed, rng.TRAIN)
-    fn = train.compile_train_step(run, steps_per_call=steps_per_call)
+    fn = step_lib.compile_train_step(run, steps_per_call=steps_per_call)
     if steps_per_call > 1:
       stacked = np.stack([images] * steps_per_call)
       self.args = (parallel.put_batch({"image": stacked}, run.mesh, axis=1), steps_per_call, key)

@@ -12,12 +12,11 @@ algorithms, GEMM tilings), so its kernels (every fusion, library call and copy t
 launches) and the bytes each reads and writes can be counted here. Nothing is run, so nothing is
 measured: the modelled time of the memory-bound kernels (everything but cuDNN and cuBLAS calls
 and GEMM fusions) is a model, sum(max(bytes / bandwidth, floor)), with the bandwidth and the
-per-kernel floor of benchmarks/RESULTS.md's H100 profile. It is meant for comparing versions of
-the step between sessions on a GPU: kernel counts and bytes are exact, the time is an estimate.
+per-kernel floor of benchmarks/results/train_step_gpu.md's H100 profile. It is meant for
+comparing versions of the step on a GPU: kernel counts and bytes are exact, the time is an estimate.
 """
 
 import collections
-import contextlib
 import dataclasses
 import gzip
 import math
@@ -43,8 +42,10 @@ from ml_collections import config_flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import parallel, train  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
 from diffusion_jax.models import condition_kind  # noqa: E402
+from diffusion_jax.runtime import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -208,29 +209,18 @@ def deviceless_mesh(target: str = H100_TARGET):
   return topologies.make_mesh(topology, (1,), (parallel.DATA_AXIS,))
 
 
-@contextlib.contextmanager
-def traced_as_gpu():
-  """jax.default_backend() is "gpu" inside: the choices made while tracing follow the target."""
-  default_backend = jax.default_backend
-  jax.default_backend = lambda: "gpu"
-  try:
-    yield
-  finally:
-    jax.default_backend = default_backend
-
-
 def compile_train_step(config, batch: int, mesh):
   """The compiled train step of `config` over `mesh`, from abstract arguments."""
-  run = dataclasses.replace(train.make_run(config), mesh=mesh)
+  # The speed paths a GPU run would choose ("auto" resolved for "gpu", not for this machine).
+  run = dataclasses.replace(run_lib.make_run(run_lib.resolve_auto(config, "gpu")), mesh=mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   image_shape = (batch, *run.image_shape)
   images = jax.ShapeDtypeStruct(
     image_shape, jnp.uint8, sharding=NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
   )
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  with traced_as_gpu():
-    lowered = train.compile_train_step(run).lower(run.abstract_state(), {"image": images}, key)
-    return lowered.compile()
+  lowered = step_lib.compile_train_step(run).lower(run.abstract_state(), {"image": images}, key)
+  return lowered.compile()
 
 
 def main(argv):

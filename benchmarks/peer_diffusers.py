@@ -40,7 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
 from configs import cifar10  # noqa: E402
-from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
+from diffusion_jax import models  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import (
+  hostmem,  # noqa: E402
+  parallel,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("train_batch", 32, "Batch of the train step.")
@@ -78,12 +85,12 @@ def ours(train_batch: int, sample_batch: int):
   config.model.dtype = FLAGS.dtype
   config.model.microbatch = FLAGS.microbatch
   config.model.conv = FLAGS.conv
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   # Replicated over the mesh, as the trainer makes it: the step's output state is the same
   # sharding, so the second call does not compile the step again.
   init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
   state = init(rng.stream_key(0, rng.INIT))
-  step_fn = train.compile_train_step(run)
+  step_fn = step_lib.compile_train_step(run)
   images = np.random.default_rng(0).integers(0, 256, (train_batch, 32, 32, 3), dtype=np.uint8)
   batch = parallel.put_batch({"image": images}, run.mesh)
   key = rng.stream_key(0, rng.TRAIN)

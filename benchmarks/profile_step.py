@@ -42,7 +42,14 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import gpu_compile, timing  # noqa: E402
-from diffusion_jax import hostmem, models, parallel, rng, train  # noqa: E402
+from diffusion_jax import models  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import (
+  hostmem,  # noqa: E402
+  parallel,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -213,7 +220,7 @@ def read_operations(out_dir: str) -> tuple[dict[str, float], str]:
 def compiled_program(run, config):
   """(compiled function, its arguments) of the train step or of one sampling network call."""
   init = jax.jit(
-    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key),
     out_shardings=parallel.replicated(run.mesh),
   )
   state = init(rng.stream_key(config.seed, rng.INIT))
@@ -222,7 +229,7 @@ def compiled_program(run, config):
     images = np_rng.integers(0, 256, (FLAGS.batch, *run.image_shape), dtype=np.uint8)
     args = (state, parallel.put_batch({"image": images}, run.mesh))
     args += (rng.stream_key(config.seed, rng.TRAIN),)
-    return train.compile_train_step(run).lower(*args).compile(), args
+    return step_lib.compile_train_step(run).lower(*args).compile(), args
   apply = lambda p, x, t: run.model.apply({"params": p}, x, t, train=False)
   chunk = config.model.get("microbatch", 0)
   apply_fn = jax.jit(lambda p, x, t: models.in_chunks(lambda x, t: apply(p, x, t), chunk)(x, t))
@@ -243,7 +250,7 @@ def main(argv):
     return
   config = FLAGS.config
   hostmem.configure(config.get("reuse_host_memory", False))  # Before JAX starts its CPU client.
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   compiled, args = compiled_program(run, config)
   operations = hlo_operations(compiled.as_text())
   if FLAGS.what == "train":

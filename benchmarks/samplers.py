@@ -5,9 +5,10 @@ Run from the repository root:
   python benchmarks/samplers.py --sections=ode,ratio     # accuracy only
   python benchmarks/samplers.py --sections=timing --timing_batch=8
 
-Prints Markdown tables for benchmarks/RESULTS.md and the command line to stdout; progress goes to
-stderr. The model is replaced by the exact E[ε | x_t] of data with a closed-form score
-(`diffusion_jax.analytic.standard_problems`), so the only error left is the sampler's own.
+Prints Markdown tables for benchmarks/results/samplers.md and the command line to stdout;
+progress goes to stderr. The model is replaced by the exact E[ε | x_t] of data with a closed-form
+score (`diffusion_jax.testing.analytic.standard_problems`), so the only error left is the
+sampler's own.
 
 - ode: for the deterministic samplers (DDIM η=0, DPM-Solver++(2M), Heun), the distance between
   the sampler's x0 and the exact solution of the probability-flow ODE from the same x_T
@@ -22,7 +23,7 @@ stderr. The model is replaced by the exact E[ε | x_t] of data with a closed-for
 - ratio: the smallest number of DDIM steps reaching DPM-Solver++'s median ODE error at 10 and 20
   NFE, for each of DDIM's spacings.
 - timing: milliseconds per image per model call of each sampler with the CIFAR-10 U-Net
-  (random weights, `sampling.make_sample_fn` as --mode=sample runs it), median (min-max) of
+  (random weights, `generate.make_sample_fn` as --mode=sample runs it), median (min-max) of
   --repeats calls after --warmup ones, next to one bare network call.
 """
 
@@ -41,7 +42,12 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import analytic, rng, samplers, sampling, schedules, train  # noqa: E402
+from diffusion_jax.core import rng, schedules  # noqa: E402
+from diffusion_jax.experiment import generate  # noqa: E402
+from diffusion_jax.experiment import run as run_lib  # noqa: E402
+from diffusion_jax.experiment import train_step as step_lib  # noqa: E402
+from diffusion_jax.sampling import samplers  # noqa: E402
+from diffusion_jax.testing import analytic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["ode", "dist", "ratio", "timing"], "What to measure.")
@@ -253,8 +259,8 @@ def timing_section() -> str:
   config = importlib.import_module("configs.cifar10").get_config()
   batch = FLAGS.timing_batch
   config.sample.batch_size = batch
-  run = train.make_run(config)
-  init = jax.jit(lambda key: train.init_state(run.model, run.tx, run.image_shape, key))
+  run = run_lib.make_run(config)
+  init = jax.jit(lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key))
   params = init(rng.stream_key(config.seed, rng.INIT)).ema_params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   key = jax.random.key(0)
@@ -280,7 +286,7 @@ def timing_section() -> str:
     steps = num_steps_for(sampler, FLAGS.timing_nfe)
     nfe = samplers.num_function_evaluations(sampler, steps)
     log(f"timing {sampler}, {nfe} NFE, batch {batch}")
-    sample_fn = sampling.make_sample_fn(
+    sample_fn = generate.make_sample_fn(
       run.model,
       run.schedule,
       run.image_shape,

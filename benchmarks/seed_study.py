@@ -4,11 +4,11 @@ Run from the repository root:
   python benchmarks/seed_study.py                  # the shapes network, K = 4, both modes
   python benchmarks/seed_study.py --num_seeds=2 --repeats=10
 
-Prints a Markdown table for benchmarks/RESULTS.md. The single-seed step and the K-seed step of
-each `train.seed_batching` mode ("vmap", "unroll") are compiled as train.py compiles them and
-timed in interleaved rounds of --steps_per_round steps, so that machine noise hits all of them
-alike; the table gives the median (min-max) ms per step and the cost per seed relative to the
-single-seed step.
+Prints a Markdown table for benchmarks/results/seed_studies.md. The single-seed step and the
+K-seed step of each `train.seed_batching` mode ("vmap", "unroll") are compiled as the trainer
+compiles them and timed in interleaved rounds of --steps_per_round steps, so that machine noise
+hits all of them alike; the table gives the median (min-max) ms per step and the cost per seed
+relative to the single-seed step.
 """
 
 import os
@@ -25,7 +25,13 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import shapes  # noqa: E402
-from diffusion_jax import parallel, rng, train  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import (
+  train,  # noqa: E402
+)
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_seeds", 4, "K, the seeds trained together.")
@@ -36,7 +42,7 @@ flags.DEFINE_integer("steps_per_round", 3, "Steps per round of each program.")
 
 def _step_program(config, num_seeds):
   """(compiled step, state, batch, key, compile seconds) for one seed or a K-seed study."""
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   init = jax.jit(run.init_state)
   images = np.random.default_rng(0).integers(
     0, 256, (num_seeds or 1, config.train.batch_size, *run.image_shape), dtype=np.uint8
@@ -49,7 +55,7 @@ def _step_program(config, num_seeds):
     state, key = init(rng.stream_key(0, rng.INIT)), rng.stream_key(0, rng.TRAIN)
     batch = parallel.put_batch({"image": images[0]}, run.mesh)
   start = time.perf_counter()
-  step = train.compile_train_step(run, num_seeds).lower(state, batch, key).compile()
+  step = step_lib.compile_train_step(run, num_seeds).lower(state, batch, key).compile()
   return step, state, batch, key, time.perf_counter() - start
 
 

@@ -24,8 +24,18 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import checkpoints, images, judge, rng, sampling, text, train  # noqa: E402
+from diffusion_jax import text  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
 from diffusion_jax.data.shapes import COLOURS, SHAPES  # noqa: E402
+from diffusion_jax.evaluation import judge  # noqa: E402
+from diffusion_jax.experiment import (
+  generate,  # noqa: E402
+)
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime import (
+  checkpoints,  # noqa: E402
+  images,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes_text.py", "The run's config file.")
@@ -88,9 +98,9 @@ def main(argv):
   workdir = FLAGS.workdir
   held_out = [c.strip() for c in config.data.exclude_classes.split(",") if c.strip()]
   prompts = list(FLAGS.prompts) + [text.class_caption(c) for c in held_out]
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  state = train.restore_or_init(run, store)
+  state = run_lib.restore_or_init(run, store)
   store.close()
   step = int(state.step)
   n = FLAGS.num_samples
@@ -101,9 +111,9 @@ def main(argv):
   for scale in map(float, FLAGS.scales):
     scaled = ml_collections.ConfigDict(config.to_dict())
     scaled.sample.guidance_scale = scale
-    sample_fn = train.make_run(scaled).sample_fn()
+    sample_fn = run_lib.make_run(scaled).sample_fn()
     start = time.time()
-    samples = sampling.generate(
+    samples = generate.generate(
       sample_fn, state.ema_params, key, n * len(prompts), config.sample.batch_size, condition
     )
     timing[scale] = time.time() - start

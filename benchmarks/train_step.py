@@ -7,19 +7,19 @@ Run from the repository root:
   python benchmarks/train_step.py --dtype=bfloat16 --batch_sizes=128 --sample_batch=256 \
     --matmul_dtype=bfloat16 --matmul_size=8192 --repeats=20 --warmup=3   # on a GPU
 
-Prints a Markdown table for benchmarks/RESULTS.md and the command line to stdout; progress goes to
-stderr. The train step is `train.train_step` jitted as train.py jits it (state donated, batch
-sharded over the mesh), fed synthetic uint8 images; the sampling row is one U-Net apply with
-train=False, the unit every reverse step repeats. Times are the median (min-max) of --repeats
-calls after --warmup untimed ones. The model FLOPs, those that model FLOP utilisation counts,
-are counted from the program's jaxpr (`jax.experimental.roofline`; the same network with plain
-attention, XLA's direct convolutions and without remat, so that no FLOP hides in a library call,
-is counted twice, or is saved by Winograd's algorithm, which computes the same function); the
-compiled FLOPs are XLA's count for the compiled program (`cost_analysis`, per device; on a GPU
-it leaves out cuDNN's convolutions). The achieved rate is the model FLOPs over the median time,
-compared with a --matmul_dtype matmul timed in the same process at JAX's default matmul
-precision, the one the model's convolutions and dense layers use.
-"""
+Prints a Markdown table for benchmarks/results/train_step_cpu.md (CPU) or
+benchmarks/results/train_step_gpu.md (GPU) and the command line to stdout; progress goes to stderr.
+The train step is `experiment.train_step.train_step` jitted as the trainer jits it (state donated,
+batch sharded over the mesh), fed synthetic uint8 images; the sampling row is one U-Net apply with
+train=False, the unit every reverse step repeats. Times are the median (min-max) of --repeats calls
+after --warmup untimed ones. The model FLOPs, those that model FLOP utilisation counts, are counted
+from the program's jaxpr (`jax.experimental.roofline`; the same network with plain attention, XLA's
+direct convolutions and without remat, so that no FLOP hides in a library call, is counted twice,
+or is saved by Winograd's algorithm, which computes the same function); the compiled FLOPs are
+XLA's count for the compiled program (`cost_analysis`, per device; on a GPU it leaves out cuDNN's
+convolutions). The achieved rate is the model FLOPs over the median time, compared with a
+--matmul_dtype matmul timed in the same process at JAX's default matmul precision, the one the
+model's convolutions and dense layers use. """
 
 import importlib
 import logging
@@ -37,7 +37,13 @@ from jax.experimental import roofline
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import timing  # noqa: E402
-from diffusion_jax import hostmem, parallel, rng, train  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import (
+  hostmem,  # noqa: E402
+  parallel,  # noqa: E402
+)
 
 _CONFIGS = ("cifar10", "shapes")
 
@@ -124,7 +130,7 @@ def bench_train_step(
   steps_per_call: int = 1,
   in_flight: bool = False,
 ):
-  """Times the donated, jitted `train.train_step` at `batch_size`; returns (row, new state).
+  """Times the donated, jitted `train_step` at `batch_size`; returns (row, new state).
 
   `count_run` is `run` with plain attention, direct convolutions and without remat: its FLOPs
   are counted. With `steps_per_call` = k > 1, each call runs k steps in one dispatch (the
@@ -137,11 +143,11 @@ def bench_train_step(
   )
   batch = parallel.put_batch({"image": images}, run.mesh)
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
-  step_fn = train.compile_train_step(run)
-  counted = step_fn if count_run is run else train.compile_train_step(count_run)
+  step_fn = step_lib.compile_train_step(run)
+  counted = step_fn if count_run is run else step_lib.compile_train_step(count_run)
   args = (state, batch, train_key)
   if steps_per_call > 1:
-    step_fn = train.compile_train_step(run, steps_per_call=steps_per_call)
+    step_fn = step_lib.compile_train_step(run, steps_per_call=steps_per_call)
     batches = np.broadcast_to(images, (steps_per_call, *images.shape))
     batches = parallel.put_batch({"image": batches}, run.mesh, axis=1)
     args = (state, batches, np.int32(steps_per_call), train_key)
@@ -222,14 +228,14 @@ def main(argv):
   for field in ("dtype", "attention", "conv"):
     if getattr(FLAGS, field) is not None:
       config.model[field] = getattr(FLAGS, field)
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   # The same network with plain attention, XLA's convolutions and no remat, for the FLOP count.
   count_run = run
   if (config.model.attention, config.model.conv, config.model.remat) != ("plain", "xla", False):
     count_config = config.copy_and_resolve_references()
     count_config.model.attention, count_config.model.conv = "plain", "xla"
     count_config.model.remat = False
-    count_run = train.make_run(count_config)
+    count_run = run_lib.make_run(count_config)
   log = lambda message: print(message, file=sys.stderr, flush=True)
 
   log(f"matmul peak ({FLAGS.matmul_size}x{FLAGS.matmul_size} {FLAGS.matmul_dtype})")
@@ -237,7 +243,7 @@ def main(argv):
   peak_flops_per_s = peak["flops"] / statistics.median(peak["times"])
 
   init = jax.jit(
-    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key),
     out_shardings=parallel.replicated(run.mesh),
   )
   state = init(rng.stream_key(config.seed, rng.INIT))

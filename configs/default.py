@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   # On a CPU under Linux (glibc), keep freed host memory for reuse instead of returning it to the
   # kernel: XLA:CPU allocates each step's temporary buffers afresh, and faulting their pages in
   # again took a fifth of a CIFAR-10 train step on 2 cores. The process keeps its peak memory.
-  # No effect on GPU or TPU runs (diffusion_jax/hostmem.py).
+  # No effect on GPU or TPU runs (diffusion_jax/runtime/hostmem.py).
   config.reuse_host_memory = True
 
   # ---------------------------------------------------------------- data
@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   # prompt's token embeddings (cross-attention; also in the middle), e.g. (8, 4).
   model.cross_attn_resolutions = ()
   # The text encoder trained with the U-Net (a small Transformer over word tokens). Its
-  # vocabulary comes from the data set's captions (diffusion_jax/text.py).
+  # vocabulary comes from the data set's captions (diffusion_jax/text/tokenizer.py).
   model.text = text = ml_collections.ConfigDict()
   text.vocab_size = 0  # Token embedding rows, >= the caption vocabulary; 0: no text.
   text.width = 64  # Token embedding width (the context the U-Net attends to).

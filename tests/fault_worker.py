@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from absl import app  # noqa: E402
 
 import main  # noqa: E402
-from diffusion_jax import parallel  # noqa: E402
+from diffusion_jax.runtime import parallel  # noqa: E402
 
 
 def signal_at_step(signum: int, step: int, wait_for: str) -> None:

@@ -19,6 +19,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID, as `main.py` does. The config is the shape
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import shapes  # noqa: E402
-from diffusion_jax import data, parallel, rng, sampling, train  # noqa: E402
+from diffusion_jax import data  # noqa: E402
+from diffusion_jax.core import rng  # noqa: E402
+from diffusion_jax.experiment import (
+  generate,  # noqa: E402
+)
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import parallel  # noqa: E402
 
 
 def parse_args():
@@ -60,7 +68,7 @@ def flatten(prefix, tree):
 def initial_state(run):
   """The loop's fresh state: init_state on the init stream, replicated."""
   init = jax.jit(
-    lambda key: train.init_state(run.model, run.tx, run.image_shape, key),
+    lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key),
     out_shardings=parallel.replicated(run.mesh),
   )
   return init(rng.stream_key(run.config.seed, rng.INIT))
@@ -71,7 +79,7 @@ def train_steps(run):
   config = run.config
   state = initial_state(run)
   initial_params = flatten("initial_params", state.params)
-  step_fn = train.compile_train_step(run)
+  step_fn = step_lib.compile_train_step(run)
   train_key = rng.stream_key(config.seed, rng.TRAIN)
   batches = data.make_train_iterator(
     config.data,
@@ -112,8 +120,8 @@ def sample(run, requests):
   out = {}
   for request in requests.split(","):
     num, batch_size = map(int, request.split(":"))
-    run.config.sample.batch_size = batch_size
-    samples = sampling.generate(run.sample_fn(to_uint8=False), params, key, num, batch_size)
+    run = dataclasses.replace(run, sample=dataclasses.replace(run.sample, batch_size=batch_size))
+    samples = generate.generate(run.sample_fn(to_uint8=False), params, key, num, batch_size)
     out[f"samples_{num}_{batch_size}"] = samples
   return out
 
@@ -126,7 +134,7 @@ def compiled_train_step(run):
     "image": jax.ShapeDtypeStruct(shape, np.uint8, sharding=parallel.batch_sharded(run.mesh))
   }
   train_key = rng.stream_key(run.config.seed, rng.TRAIN)
-  compiled = train.compile_train_step(run).lower(abstract, batch, train_key).compile()
+  compiled = step_lib.compile_train_step(run).lower(abstract, batch, train_key).compile()
   return {
     "hlo": np.asarray(compiled.as_text()),
     "num_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
@@ -137,7 +145,7 @@ def main():
   args = parse_args()
   # Joins the other processes, if any, before anything starts the backend.
   parallel.initialize_distributed()
-  run = train.make_run(make_config(json.loads(args.overrides)))
+  run = run_lib.make_run(make_config(json.loads(args.overrides)))
   if args.command == "train":
     out = train_steps(run)
   elif args.command == "sample":

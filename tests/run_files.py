@@ -7,17 +7,18 @@ import flax
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, train
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime import checkpoints
 
 
 def load_state(config, workdir, step=None):
   """The TrainState saved in WORKDIR/checkpoints at `step` (default: the latest), on the host."""
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))
   try:
     assert store.latest_step() is not None, f"no checkpoint in {workdir}"
     if step is None:
-      state = train.restore_or_init(run, store)
+      state = run_lib.restore_or_init(run, store)
     else:
       abstract = run.abstract_state()
       state_dict, _ = store.restore(step, flax.serialization.to_state_dict(abstract))

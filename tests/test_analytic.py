@@ -7,7 +7,8 @@ import pytest
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import norm
 
-from diffusion_jax import analytic, schedules
+from diffusion_jax.core import schedules
+from diffusion_jax.testing import analytic
 
 PROBLEMS = analytic.standard_problems()
 

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from absl import logging
 
-from diffusion_jax import conditioning, data, sample_mode, samplers, sampling, text, train
+from diffusion_jax import data, text
 from diffusion_jax.data.shapes import ShapesSource
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.experiment import generate, sample_mode, train
+from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.models import TextEncoder, TextEncoderConfig, condition_kind, make_model
-from diffusion_jax.models.layers import CrossAttnBlock
+from diffusion_jax.models.attention import CrossAttnBlock
+from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.sampling import guidance, samplers
 
 # A text-conditional U-Net on 8x8 images with cross-attention at 8x8 and in the middle.
 TEXT_MODEL = {
@@ -128,7 +131,7 @@ def test_drop_replaces_the_condition_with_the_null_one_at_the_given_rate():
   n, p = 4000, 0.1
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
   labels = {"labels": jnp.arange(n, dtype=jnp.int32) % 7}
-  dropped = conditioning.drop(labels, keys, p, num_classes=7)["labels"]
+  dropped = guidance.drop(labels, keys, p, num_classes=7)["labels"]
   is_null = np.asarray(dropped == 7)
   # Kept labels are untouched; the dropped fraction is within 4 standard deviations of p.
   np.testing.assert_array_equal(
@@ -136,7 +139,7 @@ def test_drop_replaces_the_condition_with_the_null_one_at_the_given_rate():
   )
   assert abs(is_null.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
   tokens = {"tokens": jnp.tile(_tokens([[1, 4, 5]]), (n, 1))}
-  dropped_tokens = np.asarray(conditioning.drop(tokens, keys, p)["tokens"])
+  dropped_tokens = np.asarray(guidance.drop(tokens, keys, p)["tokens"])
   # The same examples are dropped for either kind, and a dropped prompt is the empty prompt.
   np.testing.assert_array_equal(dropped_tokens[:, 1] == 0, is_null)
   np.testing.assert_array_equal(
@@ -156,10 +159,10 @@ def test_guidance_combines_the_conditional_and_unconditional_outputs(kind):
   apply_fn = lambda x, t, **c: model.apply({"params": params}, x, t, **c)
   x = jax.random.normal(jax.random.key(8), (2, 8, 8, 3))
   t = jnp.asarray([2, 11])
-  null = conditioning.null_like(cond, num_classes=5)
+  null = guidance.null_like(cond, num_classes=5)
   out_c, out_u = apply_fn(x, t, **cond), apply_fn(x, t, **null)
   assert not np.allclose(out_c, out_u, atol=1e-4)
-  guided = lambda w: conditioning.guided(apply_fn, cond, w, num_classes=5)(x, t)
+  guided = lambda w: guidance.guided(apply_fn, cond, w, num_classes=5)(x, t)
   np.testing.assert_array_equal(guided(1.0), out_c)
   np.testing.assert_array_equal(guided(0.0), out_u)
   # The two-halves path (one network call on 2B examples) against the formula, and near the
@@ -172,7 +175,7 @@ def test_guidance_combines_the_conditional_and_unconditional_outputs(kind):
 def test_guidance_keeps_the_conditional_learned_variance():
   out_c = jnp.arange(12.0).reshape(1, 1, 2, 6)
   out_u = -out_c
-  mixed = conditioning.combine(out_c, out_u, 2.0, data_channels=3)
+  mixed = guidance.combine(out_c, out_u, 2.0, data_channels=3)
   np.testing.assert_array_equal(
     mixed[..., :3], out_u[..., :3] + 2.0 * (out_c[..., :3] - out_u[..., :3])
   )
@@ -182,7 +185,7 @@ def test_guidance_keeps_the_conditional_learned_variance():
 def test_sampling_with_guidance_one_is_the_conditional_model_and_zero_the_unconditional():
   cond = {"tokens": _tokens([[1, 4], [1, 5, 6]])}
   model, params = _init(TEXT_MODEL, **cond)
-  from diffusion_jax.schedules import make_schedule
+  from diffusion_jax.core.schedules import make_schedule
 
   schedule = make_schedule("cosine", 20)
   mesh = jax.make_mesh((1,), ("data",))
@@ -190,7 +193,7 @@ def test_sampling_with_guidance_one_is_the_conditional_model_and_zero_the_uncond
   key = jax.random.key(9)
 
   def run(scale, condition):
-    fn = sampling.make_sample_fn(
+    fn = generate.make_sample_fn(
       model, schedule, (8, 8, 3), 2, mesh, guidance_scale=scale, **options
     )
     return np.asarray(fn(params, key, 0, condition))
@@ -202,7 +205,7 @@ def test_sampling_with_guidance_one_is_the_conditional_model_and_zero_the_uncond
     )
 
   np.testing.assert_allclose(run(1.0, cond), plain(cond), atol=1e-5)
-  np.testing.assert_allclose(run(0.0, cond), plain(conditioning.null_like(cond)), atol=1e-5)
+  np.testing.assert_allclose(run(0.0, cond), plain(guidance.null_like(cond)), atol=1e-5)
   assert not np.allclose(run(4.0, cond), run(1.0, cond), atol=1e-3)
 
 
@@ -222,7 +225,7 @@ def test_tokenizer_round_trip_unknown_words_and_the_empty_prompt(caplog):
   # The empty prompt is the null condition that training and guidance use.
   np.testing.assert_array_equal(
     tokenizer.encode([""]),
-    np.asarray(conditioning.null_like({"tokens": jnp.zeros((1, 12), jnp.int32)})["tokens"]),
+    np.asarray(guidance.null_like({"tokens": jnp.zeros((1, 12), jnp.int32)})["tokens"]),
   )
   with caplog.at_level(logging.WARNING):
     ids = tokenizer.encode(["a purple triangle"])[0]
@@ -330,14 +333,14 @@ def test_sample_mode_draws_each_prompt_with_guidance(text_run, tmp_path, caplog)
 
 def test_prompts_for_an_unconditional_model_are_an_error(tiny_config, tmp_path):
   config = tiny_config()
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   config.sample.prompt = "a red circle"
   with pytest.raises(ConfigError, match="unconditional"):
     sample_mode.prompts(run, config)
   text_config = tiny_config(_text_overrides())
   text_config.sample.prompts_file = str(tmp_path / "missing.txt")
   with pytest.raises(ConfigError, match="cannot be read"):
-    sample_mode.prompts(train.make_run(text_config), text_config)
+    sample_mode.prompts(run_lib.make_run(text_config), text_config)
 
 
 @pytest.fixture(scope="module")
@@ -378,18 +381,18 @@ def test_class_conditional_sampling_by_class_name(class_run):
 
 
 def test_prompt_errors_and_warnings(tiny_config):
-  run = train.make_run(tiny_config({"model.num_classes": 12}))
+  run = run_lib.make_run(tiny_config({"model.num_classes": 12}))
   np.testing.assert_array_equal(
     run.prompt_condition(["red circle", "a blue triangle", ""])["labels"], [0, 10, 12]
   )
   with pytest.raises(ConfigError, match="names no class"):
     run.prompt_condition(["a purple blob"])
   with pytest.raises(ConfigError, match="unconditional"):
-    train.make_run(tiny_config()).prompt_condition(["a red circle"])
+    run_lib.make_run(tiny_config()).prompt_condition(["a red circle"])
   with pytest.raises(ConfigError, match="model.num_classes=3"):
-    train.make_run(tiny_config({"model.num_classes": 3}))
+    run_lib.make_run(tiny_config({"model.num_classes": 3}))
   with pytest.raises(ConfigError, match="vocab_size"):
-    train.make_run(tiny_config({**_text_overrides(), "model.text.vocab_size": 8}))
+    run_lib.make_run(tiny_config({**_text_overrides(), "model.text.vocab_size": 8}))
 
 
 def test_image_folder_captions_come_from_class_names(tmp_path):
@@ -410,18 +413,19 @@ def test_image_folder_captions_come_from_class_names(tmp_path):
 
 
 def test_eval_of_a_text_model_is_the_bound_of_its_unconditional_model(text_run):
-  from diffusion_jax import evaluate, likelihood, rng
-  from diffusion_jax.checkpoints import CheckpointStore
+  from diffusion_jax.core import likelihood, rng
+  from diffusion_jax.experiment import eval_mode
+  from diffusion_jax.runtime.checkpoints import CheckpointStore
 
   config, workdir = text_run
   config = ml_collections.ConfigDict(config.to_dict())
   config.eval.num_examples, config.eval.batch_size = 3, 4
-  result, _ = evaluate.evaluate(config, str(workdir))
-  run = train.make_run(config)
+  result, _ = eval_mode.evaluate(config, str(workdir))
+  run = run_lib.make_run(config)
   store = CheckpointStore(str(workdir / "checkpoints"))
-  params = train.restore_or_init(run, store).ema_params
+  params = run_lib.restore_or_init(run, store).ema_params
   store.close()
-  source = evaluate._eval_source(config)
+  source = eval_mode._eval_source(config)
   images = np.stack([source[i]["image"] for i in range(3)])
   key = rng.stream_key(config.eval.seed, rng.EVAL)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(3, dtype=jnp.uint32))

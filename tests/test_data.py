@@ -18,7 +18,7 @@ from diffusion_jax.data import (
   normalize_images,
 )
 from diffusion_jax.data import shapes as shapes_lib
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.runtime.errors import ConfigError
 
 
 def data_config(**overrides):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax.core import diffusion, schedules
 
 T = 1000
 IMAGE = (4, 4, 3)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from run_files import load_state, read_metrics
 
-from diffusion_jax import data, evaluate, likelihood, rng, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax import data
+from diffusion_jax.core import likelihood, rng
+from diffusion_jax.experiment import eval_mode, train
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -57,17 +60,17 @@ def test_hybrid_training_logs_its_terms_and_resumes_exactly(iddpm_run):
 
 def test_eval_matches_the_bound_computed_directly(iddpm_run, tiny_config):
   config = iddpm_run.config
-  result, path = evaluate.evaluate(config, iddpm_run.workdir)
+  result, path = eval_mode.evaluate(config, iddpm_run.workdir)
   with open(path) as f:
     assert json.load(f) == result
   assert os.path.basename(path) == "bits_per_dim_0000006.json"
   assert (result["step"], result["split"], result["num_examples"]) == (6, "test", 5)
   # Directly: the first 5 held-out images, keys fold_in(eval key, i), one call.
-  source = evaluate._eval_source(config)
+  source = eval_mode._eval_source(config)
   images = np.stack([source[i]["image"] for i in range(5)])
   key = rng.stream_key(config.eval.seed, rng.EVAL)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(5, dtype=jnp.uint32))
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   params = load_state(config, iddpm_run.workdir).ema_params
   out = likelihood.bits_per_dim(
     run.schedule,
@@ -78,7 +81,7 @@ def test_eval_matches_the_bound_computed_directly(iddpm_run, tiny_config):
     prediction=config.diffusion.prediction,
     clip_x0=True,
   )
-  for name in evaluate.FIGURES:
+  for name in eval_mode.FIGURES:
     assert result[name] == pytest.approx(float(np.mean(out[name])), rel=1e-5), name
   assert result["bits_per_dim"] == pytest.approx(
     result["prior"] + result["decoder"] + result["kl"], rel=1e-6
@@ -87,7 +90,7 @@ def test_eval_matches_the_bound_computed_directly(iddpm_run, tiny_config):
   assert result["bits_per_dim_stderr"] == pytest.approx(se, rel=1e-4)
   # Another batch size (5 images in 3 calls, the last one padded) gives the same figure.
   small = tiny_config({**IDDPM, "eval.batch_size": 2, "eval.timesteps_per_call": 1})
-  other, _ = evaluate.evaluate(small, iddpm_run.workdir)
+  other, _ = eval_mode.evaluate(small, iddpm_run.workdir)
   assert other["bits_per_dim"] == pytest.approx(result["bits_per_dim"], rel=1e-5)
 
 
@@ -115,10 +118,10 @@ def test_the_shapes_test_split_is_another_set(tiny_config):
 )
 def test_bad_iddpm_settings_are_one_line_errors(tiny_config, overrides, message):
   with pytest.raises(ConfigError, match=message) as excinfo:
-    train.make_run(tiny_config(overrides))
+    run_lib.make_run(tiny_config(overrides))
   assert "\n" not in str(excinfo.value)
 
 
 def test_eval_rejects_a_bad_timesteps_per_call(iddpm_run, tiny_config):
   with pytest.raises(ConfigError, match="eval.timesteps_per_call=3 must divide"):
-    evaluate.evaluate(tiny_config({**IDDPM, "eval.timesteps_per_call": 3}), iddpm_run.workdir)
+    eval_mode.evaluate(tiny_config({**IDDPM, "eval.timesteps_per_call": 3}), iddpm_run.workdir)

@@ -4,6 +4,7 @@ convolutions and bfloat16 compute, each against the plain computation within its
 tolerance."""
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -13,9 +14,15 @@ import pytest
 from run_files import load_state, read_metrics
 from test_models import TINY
 
-from diffusion_jax import models, parallel, rng, train
-from diffusion_jax.errors import ConfigError
-from diffusion_jax.models import layers, unet
+from diffusion_jax import models
+from diffusion_jax.core import rng
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.models import FastPaths, attention, layers, unet
+from diffusion_jax.models.fast import subpixel
+from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -53,7 +60,7 @@ def copy_tree(tree):
 def multi_setup(tiny_config):
   # Dropout on, so that the per-step keys matter; warm-up 0, so that every step moves the params.
   config = tiny_config({"model.dropout": 0.1, "train.warmup_steps": 0})
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   state = jax.device_get(run.init_state(rng.stream_key(0, rng.INIT)))
   images = np.random.default_rng(0).integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
   return run, state, images
@@ -62,7 +69,7 @@ def multi_setup(tiny_config):
 def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
   run, state0, images = multi_setup
   key = rng.stream_key(0, rng.TRAIN)
-  looped = train.compile_train_step(run, steps_per_call=3)
+  looped = step_lib.compile_train_step(run, steps_per_call=3)
 
   def run_calls(split):
     state, first = copy_tree(state0), 0
@@ -80,7 +87,7 @@ def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
     assert leaves_bitwise_equal(run_calls(split), once), split
 
   # The plain step, compiled as a program of its own, agrees up to float rounding.
-  plain = train.compile_train_step(run)
+  plain = step_lib.compile_train_step(run)
   state = copy_tree(state0)
   losses = []
   for i in range(3):
@@ -126,7 +133,7 @@ def multi_runs(tiny_config, tmp_path_factory):
 
 def test_loop_with_steps_per_call_logs_saves_and_resumes_exactly(multi_runs):
   config, straight, resumed, plain = multi_runs
-  init = jax.device_get(train.make_run(config).init_state(rng.stream_key(config.seed, rng.INIT)))
+  init = jax.device_get(run_lib.make_run(config).init_state(rng.stream_key(config.seed, rng.INIT)))
   # Calls end where a step logs or saves, 1-3, 4-5, 6, 7, and log there; the first call's end
   # takes the place of step 1.
   assert [r["step"] for r in read_metrics(straight)] == [3, 5, 6, 7]
@@ -153,7 +160,7 @@ def test_loop_with_steps_per_call_logs_saves_and_resumes_exactly(multi_runs):
 )
 def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, message):
   with pytest.raises(ConfigError, match=message) as error:
-    train.make_run(tiny_config(overrides))
+    run_lib.make_run(tiny_config(overrides))
   assert "\n" not in str(error.value)
 
 
@@ -197,7 +204,7 @@ def test_subpixel_conv_is_the_upsampled_convolution():
   np_rng = np.random.default_rng(3)
   # Not square, odd sizes: every phase and border case.
   x = jnp.asarray(np_rng.normal(size=(2, 5, 7, 6)), jnp.float32)
-  sub = layers.SubpixelConv(4)
+  sub = subpixel.SubpixelConv(4)
   params = sub.init(jax.random.key(0), x)
   params = jax.tree.map(lambda p: jnp.asarray(np_rng.normal(size=p.shape), jnp.float32), params)
   plain = layers.conv3x3(4, jnp.float32, "conv")
@@ -220,8 +227,12 @@ def test_subpixel_conv_is_the_upsampled_convolution():
     ({"subpixel_upsample": False}, 1e-5),
     ({"attention": "fused"}, 1e-5),
     ({"remat": True}, 1e-5),
-    # Winograd for every 3x3 convolution (the tiny network is below "auto"'s threshold).
+    # Winograd for every 3x3 convolution (the tiny network is below winograd_large's threshold).
     ({"conv": "winograd"}, 1e-5),
+    # The reference GroupNorm (flax's formula, autodiff) against the fused operation.
+    ({"fast": FastPaths(group_norm="reference")}, 1e-5),
+    ({"fast": FastPaths(recompute_dz=True, hold_branch_gradient=True)}, 1e-5),
+    ({"fast": FastPaths(skips_in_parts=True)}, 1e-5),
   ],
 )
 def test_network_switches_change_only_rounding(overrides, tolerance):
@@ -242,8 +253,8 @@ def test_fused_attention_with_a_mask_matches_the_plain_one():
   q = jnp.asarray(np_rng.normal(size=(2, 6, 3, 8)), jnp.float32)
   k, v = (jnp.asarray(np_rng.normal(size=(2, 5, 3, 8)), jnp.float32) for _ in range(2))
   mask = jnp.asarray([[True, True, False, True, False], [True, False, False, False, False]])
-  plain = layers.attention(q, k, v, mask, jnp.float32, "plain")
-  fused = layers.attention(q, k, v, mask, jnp.float32, "fused")
+  plain = attention.attention(q, k, v, mask, jnp.float32, "plain")
+  fused = attention.attention(q, k, v, mask, jnp.float32, "fused")
   np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
   # The second example attends to its first key only.
   np.testing.assert_allclose(fused[1], jnp.broadcast_to(v[1, :1], (6, 3, 8)), atol=1e-6)
@@ -253,12 +264,12 @@ def test_fused_attention_falls_back_to_xla_where_cudnn_is_absent(monkeypatch):
   # Asked for cuDNN's flash attention where cuDNN refuses, "fused" computes XLA's, bitwise.
   np_rng = np.random.default_rng(5)
   q, k, v = (jnp.asarray(np_rng.normal(size=(2, 16, 1, 32)), jnp.bfloat16) for _ in range(3))
-  monkeypatch.setattr(layers, "flash_attention", lambda: False)
-  xla = layers.attention(q, k, v, None, jnp.bfloat16, "fused")
-  monkeypatch.setattr(layers, "flash_attention", lambda: True)
+  xla = attention.attention(q, k, v, None, jnp.bfloat16, "fused", flash=False)
   if jax.default_backend() != "gpu":  # no cuDNN here: the real call refuses
-    assert layers._cudnn_attention(q, k, v, None) is None
-    np.testing.assert_array_equal(layers.attention(q, k, v, None, jnp.bfloat16, "fused"), xla)
+    assert attention._cudnn_attention(q, k, v, None) is None
+    np.testing.assert_array_equal(
+      attention.attention(q, k, v, None, jnp.bfloat16, "fused", flash=True), xla
+    )
   # cuDNN refusing the inputs, on any backend.
   dot_product_attention = jax.nn.dot_product_attention
 
@@ -268,8 +279,10 @@ def test_fused_attention_falls_back_to_xla_where_cudnn_is_absent(monkeypatch):
     return dot_product_attention(*args, implementation=implementation, **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
-  assert layers._cudnn_attention(q, k, v, None) is None
-  np.testing.assert_array_equal(layers.attention(q, k, v, None, jnp.bfloat16, "fused"), xla)
+  assert attention._cudnn_attention(q, k, v, None) is None
+  np.testing.assert_array_equal(
+    attention.attention(q, k, v, None, jnp.bfloat16, "fused", flash=True), xla
+  )
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's attention needs a GPU")
@@ -277,8 +290,10 @@ def test_cudnn_flash_attention_matches_the_plain_one_on_a_gpu():
   # The CIFAR-10 network's 16x16 self-attention: 256 tokens, one head of 256 channels, bfloat16.
   np_rng = np.random.default_rng(6)
   q, k, v = (jnp.asarray(np_rng.normal(size=(4, 256, 1, 256)), jnp.bfloat16) for _ in range(3))
-  assert layers.flash_attention() and layers._cudnn_attention(q, k, v, None) is not None
-  fn = lambda impl: lambda q, k, v: layers.attention(q, k, v, None, jnp.bfloat16, impl)
+  assert attention._cudnn_attention(q, k, v, None) is not None
+  fn = lambda impl: (
+    lambda q, k, v: attention.attention(q, k, v, None, jnp.bfloat16, impl, flash=True)
+  )
   cot = jnp.asarray(np_rng.normal(size=q.shape), jnp.bfloat16)
   grads = {}
   for impl in ("plain", "fused"):
@@ -345,3 +360,34 @@ def test_microbatched_sampling_network_matches_the_whole_batch():
   whole = jax.jit(apply)(x, t)
   chunked = jax.jit(models.in_chunks(apply, 4))(x, t)
   np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "backend, expected",
+  [
+    ("cpu", ("winograd_large", "false", "false", "false", "false", "unroll")),
+    ("gpu", ("xla", "true", "true", "true", "true", "vmap")),
+    ("tpu", ("xla", "true", "true", "true", "false", "vmap")),
+  ],
+)
+def test_auto_settings_resolve_once_per_backend(tiny_config, backend, expected):
+  config = tiny_config()
+  resolved = run_lib.resolve_auto(config, backend)
+  fast = resolved.model.fast
+  got = (resolved.model.conv, fast.recompute_dz, fast.hold_branch_gradient, fast.skips_in_parts)
+  got += (fast.flash_attention, resolved.train.seed_batching)
+  assert got == expected
+  assert config.model.conv == "auto" and config.model.fast.recompute_dz == "auto"  # a copy
+  # Explicit values are kept, and the model sees exactly the resolved choices.
+  config.model.fast.skips_in_parts = "true"
+  assert run_lib.resolve_auto(config, "cpu").model.fast.skips_in_parts == "true"
+  paths = models.make_model(resolved.model).config.fast
+  assert paths.skips_in_parts is (expected[3] == "true") and paths.group_norm == "fused"
+
+
+def test_a_run_holds_no_auto_setting(tiny_config):
+  run = run_lib.make_run(tiny_config())
+  assert "auto" not in json.dumps(run.config.to_dict())
+  assert run.model.config.fast == models.make_model(run.config.model).config.fast
+  with pytest.raises(ValueError, match="model.fast.skips_in_parts='maybe' must be true, false"):
+    models.make_model({**TINY, "fast": {"skips_in_parts": "maybe"}})

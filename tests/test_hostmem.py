@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from diffusion_jax import hostmem
+from diffusion_jax.runtime import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
@@ -19,7 +19,7 @@ GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get
 _FAULTS = textwrap.dedent(
   """
   import ctypes, resource, sys
-  from diffusion_jax import hostmem
+  from diffusion_jax.runtime import hostmem
   applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else False
   libc = ctypes.CDLL(None)
   libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import images, sampling
 from diffusion_jax.data import denormalize_images, normalize_images
+from diffusion_jax.experiment import generate
+from diffusion_jax.runtime import images
 
 
 def distinct_images(n, h, w, c, seed=0):
@@ -113,7 +114,7 @@ def test_save_npz_round_trip(tmp_path):
 
 def test_write_samples_names_and_contents(tmp_path):
   batch = distinct_images(5, 6, 6, 3)
-  png, npz = sampling.write_samples(str(tmp_path), "step_0000010", batch)
+  png, npz = generate.write_samples(str(tmp_path), "step_0000010", batch)
   assert png == f"{tmp_path}/samples/step_0000010.png"
   assert npz == f"{tmp_path}/samples/step_0000010.npz"
   with Image.open(png) as image:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import importance
+from diffusion_jax.core import importance
 
 H = importance.HISTORY
 

@@ -5,8 +5,8 @@ import functools
 import numpy as np
 import pytest
 
-from diffusion_jax import judge as judge_lib
 from diffusion_jax.data.shapes import COLOURS, SHAPES, ShapesSource
+from diffusion_jax.evaluation import judge as judge_lib
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NUM_IMAGES = 1200  # 100 per (shape, colour) class

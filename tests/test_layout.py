@@ -10,6 +10,7 @@ every module under MAX_LINES lines
 
 import ast
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -105,3 +106,29 @@ def test_each_rule_catches_a_wrong_import(tmp_path, path):
   (package / path).write_text(BROKEN[path])
   problems = layout_violations(package)
   assert len(problems) == 1 and problems[0].startswith(path), problems
+
+
+# DESIGN.md section 3: the names code outside the project imports from the package root.
+PUBLIC = (
+  "Schedule",
+  "make_schedule",
+  "q_sample",
+  "q_posterior_mean_variance",
+  "predict_x0_from_eps",
+  "sample",
+  "make_model",
+)
+
+
+def test_the_public_api_is_importable_from_the_package_root():
+  import diffusion_jax as dj
+
+  assert set(PUBLIC) <= set(dj.__all__)
+  for name in dj.__all__:
+    assert getattr(dj, name) is not None, name
+  code = (
+    "import sys, diffusion_jax as dj; from diffusion_jax import " + ", ".join(PUBLIC) + "; "
+    "bad = [m for m in sys.modules if m.startswith('diffusion_jax.experiment') or m.split('.')[0] "
+    f"in {HEAVY!r}]; assert not bad, bad"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)

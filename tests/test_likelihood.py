@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from diffusion_jax import diffusion, likelihood, schedules
+from diffusion_jax.core import diffusion, likelihood, schedules
 
 LN2 = math.log(2.0)
 GRID = 2.0 * np.arange(256) / 255.0 - 1.0  # the 256 values of 8-bit data in [-1, 1]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, likelihood, losses, schedules
+from diffusion_jax.core import diffusion, likelihood, losses, schedules
 
 T = 50
 SHAPE = (6, 4, 4, 2)

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "parallel_worker.py")
@@ -322,7 +323,7 @@ def test_make_run_rejects_the_batch_before_compiling(tiny_config, monkeypatch):
   # As if this were one of 3 processes: train.batch_size=4 cannot be split between them.
   monkeypatch.setattr(jax, "process_count", lambda: 3)
   with pytest.raises(ConfigError, match=r"^train.batch_size=4 is not divisible by the process"):
-    train.make_run(tiny_config())
+    run_lib.make_run(tiny_config())
 
 
 # ---------------------------------------------------------------- multi-process start-up

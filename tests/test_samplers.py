@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import analytic, samplers, schedules
+from diffusion_jax.core import schedules
+from diffusion_jax.sampling import samplers
+from diffusion_jax.testing import analytic
 
 IMAGE = (2, 2, 1)
 MU, SIGMA = 0.3, 0.5

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules
+from diffusion_jax.core import schedules
 
 FIELDS = (
   "betas",

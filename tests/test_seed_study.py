@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 from run_files import load_state, read_metrics, trees_equal
 
-from diffusion_jax import parallel, rng, sample_mode, studies, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.core import rng
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import sample_mode, studies, train
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -61,9 +65,9 @@ def test_each_seed_of_the_study_equals_its_single_run(study, tiny_config):
     assert len(got_losses) == config.train.num_steps
     np.testing.assert_allclose(got_losses, want_losses, rtol=LOSS_RTOL)
     assert study.last[seed]["loss"] == pytest.approx(want_losses[-1], rel=LOSS_RTOL)
-    run = train.make_run(config)
+    run = run_lib.make_run(config)
     init_key = rng.stream_key(seed, rng.INIT)
-    fresh[seed] = jax.device_get(train.init_state(run.model, run.tx, run.image_shape, init_key))
+    fresh[seed] = jax.device_get(step_lib.init_state(run.model, run.tx, run.image_shape, init_key))
     # Training moved the params far more than the tolerance, so a wrong step would show.
     assert max_abs_diff(got.params, fresh[seed].params) > 100 * PARAM_ATOL
   # The seeds are different models (different init, data order and noise).
@@ -110,14 +114,14 @@ def test_seed_study_step_with_dropout_matches_single_steps(tiny_config, seed_bat
   config = tiny_config(
     {"model.dropout": 0.1, "train.warmup_steps": 0, "train.seed_batching": seed_batching}
   )
-  run = train.make_run(config)
-  init = jax.jit(lambda key: train.init_state(run.model, run.tx, run.image_shape, key))
+  run = run_lib.make_run(config)
+  init = jax.jit(lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key))
   seeds = (3, 4)
   states = [init(rng.stream_key(s, rng.INIT)) for s in seeds]
   keys = [rng.stream_key(s, rng.TRAIN) for s in seeds]
   rows = np.random.default_rng(0).integers(0, 256, (2, 2, 4, 8, 8, 3), dtype=np.uint8)
-  single = train.compile_train_step(run)
-  stacked = train.compile_train_step(run, num_seeds=len(seeds))
+  single = step_lib.compile_train_step(run)
+  stacked = step_lib.compile_train_step(run, num_seeds=len(seeds))
   expected = []
   for i in range(len(seeds)):
     state, losses = states[i], []
@@ -145,7 +149,7 @@ def test_seed_study_step_with_dropout_matches_single_steps(tiny_config, seed_bat
     np.testing.assert_allclose([loss[i] for loss in losses], want_losses, rtol=LOSS_RTOL)
   # Dropout is on: without it the same steps give other params (the dropped activations feed
   # the weight gradients of the layers after them).
-  no_dropout = train.compile_train_step(train.make_run(tiny_config({"train.warmup_steps": 0})))
+  no_dropout = step_lib.compile_train_step(run_lib.make_run(tiny_config({"train.warmup_steps": 0})))
   state = init(rng.stream_key(seeds[0], rng.INIT))
   for step in range(2):
     batch = parallel.put_batch({"image": rows[step, 0]}, run.mesh)
@@ -187,7 +191,7 @@ def test_adding_a_seed_to_a_started_study_is_an_error(study, tiny_config, tmp_pa
 def test_bad_seed_lists_are_one_line_errors(tiny_config, seeds):
   for field in ("seeds", "sample.seeds"):
     with pytest.raises(ConfigError, match="distinct non-negative integers") as excinfo:
-      train.make_run(tiny_config({field: seeds}))
+      run_lib.make_run(tiny_config({field: seeds}))
     assert "\n" not in str(excinfo.value) and field in str(excinfo.value)
 
 
@@ -240,4 +244,4 @@ def test_flax_state_dict_round_trip_of_a_seed_slice(study, tiny_config):
 
 def test_unknown_seed_batching_is_a_one_line_error(tiny_config):
   with pytest.raises(ConfigError, match="train.seed_batching='pmap' is unknown; valid: auto, vmap"):
-    train.make_run(tiny_config({"train.seed_batching": "pmap"}))
+    run_lib.make_run(tiny_config({"train.seed_batching": "pmap"}))

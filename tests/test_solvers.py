@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import analytic, models, samplers, schedules, solvers
+from diffusion_jax import models
+from diffusion_jax.core import schedules
+from diffusion_jax.sampling import samplers, solvers
+from diffusion_jax.testing import analytic
 
 PROBLEMS = analytic.standard_problems()
 BATCH = 256
@@ -135,9 +138,9 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution(sampler, step
 
 # (problem, sampler, num_steps pair, error summary, order range), at step counts where
 # discretisation error dominates: DPM-Solver++ is pre-asymptotic below ~20 calls, and beyond ~100
-# it meets the error of the integer timesteps near t = 0 (see benchmarks/RESULTS.md). Measured:
-# about 1.0 (DDIM), 2.0-2.3 (DPM-Solver++) and 2.1-2.3 (Heun) over several seeds; the mixture is
-# pre-asymptotic for longer (Heun from 19 to 39 calls: 2.6).
+# it meets the error of the integer timesteps near t = 0 (see benchmarks/results/samplers.md).
+# Measured: about 1.0 (DDIM), 2.0-2.3 (DPM-Solver++) and 2.1-2.3 (Heun) over several seeds; the
+# mixture is pre-asymptotic for longer (Heun from 19 to 39 calls: 2.6).
 ORDERS = [
   ("gaussian_2d", "ddim", (20, 40), "rms", (0.7, 1.4)),
   ("mixture_2d", "ddim", (20, 40), "median", (0.7, 1.4)),

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import studies
+from diffusion_jax.experiment import studies
 
 
 def test_summary_against_hand_computation():

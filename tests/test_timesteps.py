@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules, timesteps
+from diffusion_jax.core import schedules, timesteps
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

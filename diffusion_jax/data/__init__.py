@@ -1,5 +1,6 @@
 """Input pipelines: tfds data sets, image folders and the generated shapes set, fed by grain."""
 
+from diffusion_jax.data.config import DataConfig
 from diffusion_jax.data.pipeline import (
   denormalize_images,
   example_stream,
@@ -9,6 +10,7 @@ from diffusion_jax.data.pipeline import (
 )
 
 __all__ = [
+  "DataConfig",
   "denormalize_images",
   "example_stream",
   "make_source",

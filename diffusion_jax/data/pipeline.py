@@ -95,9 +95,7 @@ def make_source(data_config: Any):
     # Held-out classes leave the training split only; the test split keeps all of them.
     exclude = ()
     if data_config.split == "train":
-      exclude = tuple(
-        n.strip() for n in getattr(data_config, "exclude_classes", "").split(",") if n.strip()
-      )
+      exclude = tuple(n.strip() for n in data_config.exclude_classes.split(",") if n.strip())
     try:
       return ShapesSource(int(num), image_size, seed=splits[data_config.split], exclude=exclude)
     except ValueError as e:

@@ -7,6 +7,7 @@ the same for any batch size or device count, up to float rounding. A conditional
 evaluated unconditionally (its null label or empty prompt).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import data, models
 from diffusion_jax.core import likelihood, rng
 from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import settings
 from diffusion_jax.runtime import checkpoints, parallel
 from diffusion_jax.runtime.errors import ConfigError
 
@@ -30,9 +32,8 @@ FIGURES = ("bits_per_dim", "prior", "decoder", "kl")
 
 
 def _eval_source(config: ml_collections.ConfigDict):
-  data_config = ml_collections.ConfigDict(config.data.to_dict())
-  data_config.split = config.eval.split
-  return data.make_source(data_config)
+  data_config = settings.from_section(data.DataConfig, config.data, "data")
+  return data.make_source(dataclasses.replace(data_config, split=config.eval.split))
 
 
 def make_eval_fn(run: run_lib.Run, batch_size: int):

@@ -4,9 +4,10 @@ XLA:CPU allocates a program's temporary buffers on every call: about 2.3 GiB for
 train step at batch 32. glibc's malloc serves blocks that large with fresh `mmap` pages, or from
 per-thread arenas that hand freed memory back to the kernel, so every call faults the pages in
 again and the kernel zeroes each one: a fifth of the step's time on a 2-core CPU
-(benchmarks/RESULTS.md). `reuse_freed_memory` has malloc serve every thread from one heap, never
-map blocks on their own and never return freed memory to the kernel, so the next call finds its
-pages mapped. The process keeps its peak memory instead of giving it back between calls.
+(benchmarks/results/train_step_cpu.md). `reuse_freed_memory` has malloc serve every thread from
+one heap, never map blocks on their own and never return freed memory to the kernel, so the next
+call finds its pages mapped. The process keeps its peak memory instead of giving it back between
+calls.
 
 Threads take their malloc arena at their first allocation, so this must run before JAX starts
 its CPU client (before the first `jax.devices()` or computation); later, it helps only partly.

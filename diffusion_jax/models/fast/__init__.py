@@ -13,7 +13,7 @@ from typing import Any
 
 GROUP_NORMS = ("fused", "reference")
 # The fields of `FastPaths` that may be "auto", and what "auto" becomes on each backend (any
-# backend not named takes "other"). Measured choices: benchmarks/results/gpu_train_step.md and
+# backend not named takes "other"). Measured choices: benchmarks/results/train_step_gpu.md and
 # benchmarks/backend_choices.py.
 AUTO = {
   "recompute_dz": {"cpu": False, "other": True},
