@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import images
+from diffusion_jax.runtime import images
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "main.py")
@@ -105,6 +106,36 @@ ERROR_CASES = {
     {},
     ["--workdir=", "no checkpoint"],
   ),
+  "misspelt_field": (
+    ["--config=shapes", "--config.model.ch=64"],
+    {},
+    ["--config.model.ch", "no field model.ch", "model.channels"],
+  ),
+  "misspelt_section": (
+    ["--config=shapes", "--config.modl.channels=64"],
+    {},
+    ["no field modl.channels", "did you mean model.channels"],
+  ),
+  "value_of_the_wrong_type": (
+    ["--config=shapes", "--config.model.channels=abc"],
+    {},
+    ["--config.model.channels=abc", "int()"],
+  ),
+  "negative_batch_size": (
+    ["--config=shapes", "--config.train.batch_size=-4"],
+    {},
+    ["train.batch_size=-4", "must be a positive integer"],
+  ),
+  "zero_samples": (
+    ["--config=shapes", "--mode=sample", "--config.sample.num_samples=0"],
+    {},
+    ["sample.num_samples=0", "must be a positive integer"],
+  ),
+  "no_config_and_no_saved_run": (
+    [],
+    {},
+    ["--config is required", "config.json", "shapes"],
+  ),
 }
 
 
@@ -162,7 +193,8 @@ def cli_run(tmp_path_factory, tiny_overrides, fast_compile_env):
     "--config.sample.num_steps=5",
     "--config.sample.seed=1",
   ]
-  sampled_fast = start([*flags, "--mode=sample", *fast], env)
+  # Without --config: the run's config.json, with sample.* overrides on top.
+  sampled_fast = start([f"--workdir={workdir}", "--mode=sample", *fast], env)
   return workdir, trained, finish(sampled), finish(sampled_fast)
 
 
@@ -187,7 +219,7 @@ def test_train_then_sample(cli_run, tiny_overrides):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
   size = tiny_overrides["data.image_size"]
-  grid = np.load(workdir / "samples" / "step_0000002.npz")["samples"]
+  grid = np.load(workdir / "samples" / "step_0000002_dpm_solver++_20steps.npz")["samples"]
   assert grid.shape == (tiny_overrides["train.num_grid_samples"], size, size, 3)
 
   png = workdir / "samples" / "samples_0000002_seed0.png"
@@ -197,7 +229,7 @@ def test_train_then_sample(cli_run, tiny_overrides):
   samples = np.load(npz)["samples"]
   assert samples.dtype == np.uint8 and samples.shape == (num, size, size, 3)
   with Image.open(png) as image:
-    np.testing.assert_array_equal(np.asarray(image), images.make_grid(samples))
+    np.testing.assert_array_equal(np.asarray(image), images.make_grid(images.upscale(samples)))
 
 
 def test_sample_with_another_sampler(cli_run, tiny_overrides):
@@ -208,3 +240,54 @@ def test_sample_with_another_sampler(cli_run, tiny_overrides):
   assert f"wrote {num} samples:" in sampled_fast.stdout and str(npz) in sampled_fast.stdout
   samples = np.load(npz)["samples"]
   assert samples.dtype == np.uint8 and samples.shape == (num, size, size, 3)
+
+
+def test_help_and_flag_files_work_without_a_config(tmp_path):
+  env = cli_env()
+  runs = {flag: start([flag], env) for flag in ("--help", "--helpfull")}
+  flagfile = tmp_path / "flags.txt"
+  # A flag file that names the config: read before --config is looked for.
+  flagfile.write_text("--config=shapes\n--config.train.batch_size=-4\n")
+  runs["flagfile"] = start([f"--flagfile={flagfile}", f"--workdir={tmp_path / 'run'}"], env)
+  results = {name: finish(process) for name, process in runs.items()}
+  for flag in ("--help", "--helpfull"):
+    result = results[flag]
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "--config is required" not in result.stderr
+    assert "--workdir" in result.stdout and "--mode" in result.stdout
+  result = results["flagfile"]
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: train.batch_size=-4")
+
+
+def test_a_run_directory_describes_itself(cli_run, tiny_overrides, tmp_path, fast_compile_env):
+  """Sampling takes the network from config.json; a config that contradicts the saved run, or a
+  checkpoint of another network, is one line naming the difference, never a traceback."""
+  workdir = cli_run[0]
+  flags = ["--config=shapes", f"--workdir={workdir}", *override_flags(tiny_overrides)]
+  # The same checkpoints without config.json: only the checkpoint can tell.
+  bare = tmp_path / "bare"
+  shutil.copytree(workdir, bare)
+  (bare / "config.json").unlink()
+  bare_flags = ["--config=shapes", f"--workdir={bare}", *override_flags(tiny_overrides)]
+  env = cli_env(**fast_compile_env)
+  channels = tiny_overrides["model.channels"]
+  runs = {
+    "sample": start([*flags, "--mode=sample", f"--config.model.channels={2 * channels}"], env),
+    "train": start([*flags, "--config.diffusion.num_timesteps=30"], env),
+    "bare": start([*bare_flags, "--mode=sample", f"--config.model.channels={2 * channels}"], env),
+  }
+  results = {name: finish(process) for name, process in runs.items()}
+  expected = {
+    "sample": [f"model.channels={2 * channels} (the run: {channels})", "new --workdir"],
+    "train": ["diffusion.num_timesteps=30 (the run: 20)", "new --workdir"],
+    "bare": ["checkpoint at step 2", "does not fit this config", "new --workdir"],
+  }
+  for name, result in results.items():
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(text in last for text in expected[name]), last
+  # Nothing was trained or removed: the checkpoint is still the one of step 2.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  assert sorted(os.listdir(bare / "checkpoints")) == ["2"]

@@ -49,6 +49,7 @@ class Run:
   train: settings.TrainSettings
   diffusion: settings.DiffusionSettings
   sample: settings.SampleSettings
+  data: data.DataConfig
   model: nn.Module
   schedule: Schedule
   mesh: Any
@@ -114,14 +115,10 @@ class Run:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
   def sample_fn(self, **options):
-    """`generate.make_sample_fn` for the config's sample section, plus `options` (to_uint8)."""
+    """`generate.make_sample_fn` for the config's sample section; `options` (to_uint8, or the
+    sampler's: sampler, num_steps, ...) replace the section's values."""
     sample = self.sample
-    return generate.make_sample_fn(
-      self.model,
-      self.schedule,
-      self.image_shape,
-      sample.batch_size,
-      self.mesh,
+    kwargs = dict(
       sampler=sample.sampler,
       num_steps=sample.num_steps,
       eta=sample.eta,
@@ -132,8 +129,20 @@ class Run:
       guidance_scale=float(sample.guidance_scale),
       num_classes=self.num_classes,
       microbatch=self.config.model.microbatch,
-      **options,
     )
+    return generate.make_sample_fn(
+      self.model,
+      self.schedule,
+      self.image_shape,
+      sample.batch_size,
+      self.mesh,
+      **{**kwargs, **options},
+    )
+
+  def grid_sampler(self) -> tuple[dict, str]:
+    """(sampler options, file-name suffix) of the training-time preview grids."""
+    train, num_timesteps = self.train, self.schedule.num_timesteps
+    return settings.grid_sampler(train.grid_sampler, train.grid_num_steps, num_timesteps)
 
 
 def resolve_auto(config: ml_collections.ConfigDict, backend: str) -> ml_collections.ConfigDict:
@@ -179,6 +188,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
   train = settings.from_section(settings.TrainSettings, config.train, "train")
   diffusion = settings.from_section(settings.DiffusionSettings, config.diffusion, "diffusion")
   sample = settings.from_section(settings.SampleSettings, config.sample, "sample")
+  data_config = settings.from_section(data.DataConfig, config.data, "data")
   image_size = config.data.image_size
   cond_kind = condition_kind(config.model)
   if train.steps_per_call > 1 and jax.default_backend() == "cpu":
@@ -190,7 +200,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     )
   tokenizer, class_names = None, ()
   if cond_kind != "none":
-    source = data.make_source(config.data)
+    source = data.make_source(data_config)
     class_names = tuple(source.class_names)
     if cond_kind == "class" and config.model.num_classes != source.num_classes:
       raise ConfigError(
@@ -217,6 +227,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     train=train,
     diffusion=diffusion,
     sample=sample,
+    data=data_config,
     model=make_model(config.model),
     schedule=schedule_from_config(diffusion),
     mesh=mesh,
@@ -245,8 +256,8 @@ def restore_or_init_seeds(
   abstract = run.abstract_state()
   try:
     restored = checkpoints.restore_latest_common(stores, flax.serialization.to_state_dict(abstract))
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  except (ValueError, RuntimeError) as e:  # incompatible with the config, or all damaged
+    raise ConfigError(str(e)) from None
   if restored is not None:
     step, state_dicts, _ = restored
     logging.info("resumed from the checkpoint at step %d", step)

@@ -14,9 +14,35 @@ from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime.errors import ConfigError
 from diffusion_jax.sampling import samplers
 
+# Sizes and counts: (field, least valid value).
+_MINIMA = (
+  ("train.batch_size", 1),
+  ("train.num_steps", 0),
+  ("train.log_every", 1),
+  ("train.checkpoint_every", 1),
+  ("train.sample_every", 0),
+  ("train.num_grid_samples", 0),
+  ("train.keep_checkpoints", 1),
+  ("sample.batch_size", 1),
+  ("sample.num_samples", 1),
+  ("eval.batch_size", 1),
+  ("eval.num_examples", 0),
+  ("data.image_size", 1),
+)
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  for name, least in _MINIMA:
+    section, field = name.split(".")
+    value = config[section][field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      kind = "a positive integer" if least == 1 else "an integer >= 0"
+      raise ConfigError(f"{name}={value!r} must be {kind}: set --config.{name}")
+
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Validates the config before anything is compiled; raises ConfigError (one line)."""
+  _check_sizes(config)
   try:
     check_model_config(config.model, config.data.image_size)
     parallel.check_batch_size(config.train.batch_size, mesh)
@@ -30,11 +56,18 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if config.train.grid_sampler:
+    try:
+      samplers.check_sampler(
+        config.train.grid_sampler,
+        grid_num_steps(config.train.grid_num_steps, config.diffusion.num_timesteps),
+        config.diffusion.num_timesteps,
+      )
+    except ValueError as e:
+      raise ConfigError(f"train.grid_sampler / train.grid_num_steps: {e}") from e
   study_seeds(config)
   sample_seeds(config)
   seed_batching(config)
-  if config.train.num_steps < 0:
-    raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 0")
   if config.diffusion.variance not in diffusion.VARIANCES:
     raise ConfigError(
       f"diffusion.variance={config.diffusion.variance!r} is unknown; "
@@ -85,6 +118,20 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
       f"train.steps_per_call={k} cannot be combined with a seed study (seeds="
       f"{config.seeds!r}); set train.steps_per_call=1"
     )
+
+
+def grid_num_steps(num_steps: int, num_timesteps: int) -> int:
+  """The preview sampler's steps: train.grid_num_steps, at most T."""
+  return min(int(num_steps), int(num_timesteps))
+
+
+def grid_sampler(sampler: str, num_steps: int, num_timesteps: int) -> tuple[dict, str]:
+  """(sampler options, file-name suffix) of the training-time preview grids; ({}, "") for the
+  sample section's sampler (train.grid_sampler="")."""
+  if not sampler:
+    return {}, ""
+  steps = grid_num_steps(num_steps, num_timesteps)
+  return {"sampler": sampler, "num_steps": steps, "skip": ""}, f"_{sampler}_{steps}steps"
 
 
 def study_seeds(config: ml_collections.ConfigDict) -> list[int] | None:
@@ -139,6 +186,8 @@ class TrainSettings:
   checkpoint_every: int
   sample_every: int
   num_grid_samples: int
+  grid_sampler: str
+  grid_num_steps: int
   keep_checkpoints: int
   steps_per_call: int
   progress: bool
@@ -172,6 +221,7 @@ class SampleSettings:
   eta: float
   skip: str
   num_samples: int
+  save_images: bool
   batch_size: int
   seed: int
   seeds: str

@@ -103,6 +103,16 @@ def abstract_like(tree: Any) -> Any:
   )
 
 
+class IncompatibleCheckpoint(ValueError):
+  """A readable checkpoint whose arrays do not fit the state asked for: another network."""
+
+
+def _is_incompatible(error: Exception) -> bool:
+  """Whether a restore failed on shapes or structure (another config), not on damaged files."""
+  text = str(error)
+  return ("shape" in text and "compatible" in text) or "tree structure" in text.lower()
+
+
 def restore_latest_common(
   stores: list[CheckpointStore], abstract_state: Any
 ) -> tuple[int, list[Any], list[dict[str, Any]]] | None:
@@ -121,6 +131,8 @@ def restore_latest_common(
 
   Raises:
     ValueError: some stores hold checkpoints and others none (one line).
+    IncompatibleCheckpoint: the newest checkpoint is readable but holds another network's
+      arrays: the config differs from the one it was saved with. Older ones are not tried.
     RuntimeError: no step is readable in every store.
   """
   steps = [set(store.all_steps()) for store in stores]
@@ -136,8 +148,21 @@ def restore_latest_common(
     try:
       restored = [store.restore(step, abstract_state) for store in stores]
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
-      logging.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+      if _is_incompatible(e):
+        detail = str(e).strip().splitlines()[0][:300]
+        raise IncompatibleCheckpoint(
+          f"the checkpoint at step {step} in {stores[0].directory} does not fit this config's "
+          f"network ({detail}); sample or resume with the run's own config (--workdir alone "
+          "uses its config.json), or train this config in a new --workdir"
+        ) from None
+      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      logging.warning(
+        "checkpoint at step %d is damaged (%s); trying an older one", step, first_line
+      )
       continue
     return step, [state for state, _ in restored], [meta for _, meta in restored]
   where = stores[0].directory if len(stores) == 1 else f"{len(stores)} runs"
-  raise RuntimeError(f"no readable checkpoint in {where} (steps {[sorted(s) for s in steps]})")
+  raise RuntimeError(
+    f"no readable checkpoint in {where} (steps {[sorted(s) for s in steps]}, all damaged); "
+    "move the checkpoints directory away to train from the start"
+  )
