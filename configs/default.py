@@ -131,6 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 5000
   train.sample_every = 50_000  # Steps between sample grids (0: only at the end).
   train.num_grid_samples = 64  # Images in each training-time sample grid; 0: no grids.
+  # Training-time grids are previews, drawn with a fast sampler (the file names say which);
+  # --mode=sample uses the sample section's sampler. "" here: the sample section's.
+  train.grid_sampler = "dpm_solver++"
+  train.grid_num_steps = 20  # At most diffusion.num_timesteps.
   train.keep_checkpoints = 3  # The newest ones kept.
   # Up to k train steps per dispatch, in a loop on the device: less host overhead for small
   # models. A call ends where a step logs, saves or samples (the first call's end logs in place
@@ -161,6 +165,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (uniform for ddpm and ddim, logsnr for dpm_solver++). heun has its own noise levels.
   sample.skip = ""
   sample.num_samples = 64  # Images written by --mode=sample.
+  # Also write each image as its own PNG (samples/<name>/000000.png, ...), as FID tools read them.
+  sample.save_images = False
   sample.batch_size = 64  # Images per compiled sampling call.
   sample.seed = 0  # Images i of a seed are the same for any batch size or device count.
   # --mode=sample seed study: "0,1,2,3" draws num_samples images for each of these sample seeds

@@ -361,7 +361,7 @@ def class_run(tiny_config, tmp_path_factory, fast_compile):
 @pytest.mark.parametrize("kind", ["class", "text"])
 def test_conditional_training_writes_a_row_per_class(request, kind):
   workdir = request.getfixturevalue(f"{kind}_run")[1]
-  with np.load(workdir / "samples" / "step_0000003.npz") as f:
+  with np.load(workdir / "samples" / "step_0000003_dpm_solver++_20steps.npz") as f:
     prompts, samples = list(f["prompts"]), f["samples"]
   assert prompts == [text.class_caption(n) for n in ShapesSource(1, 8).class_names]
   assert samples.shape == (12, 8, 8, 3)

@@ -1,6 +1,7 @@
 """Tests of diffusion_jax.images: the grid layout, pixel conversion and the PNG / npz exports."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -97,7 +98,18 @@ def test_save_grid_writes_a_png_of_the_grid(tmp_path, c):
     assert image.format == "PNG"
     assert image.mode == ("RGB" if c == 3 else "L")
     pixels = np.asarray(image)
-  np.testing.assert_array_equal(pixels.reshape(pixels.shape[:2] + (c,)), images.make_grid(batch, 4))
+  # 5x4 images are shown 16x as large (64x64 at least): each pixel a 16x16 block.
+  big = images.upscale(batch)
+  assert big.shape == (6, 80, 64, c)
+  np.testing.assert_array_equal(big[:, ::16, ::16], batch)
+  np.testing.assert_array_equal(big[:, 15::16, 15::16], batch)
+  np.testing.assert_array_equal(pixels.reshape(pixels.shape[:2] + (c,)), images.make_grid(big, 4))
+
+
+def test_upscale_leaves_large_images_alone():
+  batch = distinct_images(2, 64, 70, 3)
+  assert images.upscale(batch) is batch or np.array_equal(images.upscale(batch), batch)
+  assert images.upscale(distinct_images(1, 33, 40, 3)).shape == (1, 66, 80, 3)
 
 
 def test_save_npz_round_trip(tmp_path):
@@ -106,9 +118,10 @@ def test_save_npz_round_trip(tmp_path):
   path = str(tmp_path / "out" / "samples.npz")
   assert images.save_npz(path, batch, labels=labels) == path
   with np.load(path) as f:
-    assert sorted(f.files) == ["labels", "samples"]
-    assert f["samples"].dtype == np.uint8
+    assert sorted(f.files) == ["arr_0", "labels", "samples"]
+    assert f["samples"].dtype == f["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(f["samples"], batch)
+    np.testing.assert_array_equal(f["arr_0"], batch)
     np.testing.assert_array_equal(f["labels"], labels)
 
 
@@ -118,6 +131,15 @@ def test_write_samples_names_and_contents(tmp_path):
   assert png == f"{tmp_path}/samples/step_0000010.png"
   assert npz == f"{tmp_path}/samples/step_0000010.npz"
   with Image.open(png) as image:
-    np.testing.assert_array_equal(np.asarray(image), images.make_grid(batch))
+    np.testing.assert_array_equal(np.asarray(image), images.make_grid(images.upscale(batch)))
   with np.load(npz) as f:
     np.testing.assert_array_equal(f["samples"], batch)
+
+
+def test_save_pngs_writes_each_image_at_its_own_size(tmp_path):
+  batch = distinct_images(3, 5, 7, 3)
+  paths = images.save_pngs(str(tmp_path / "pngs"), batch)
+  assert [os.path.basename(p) for p in paths] == ["000000.png", "000001.png", "000002.png"]
+  for path, expected in zip(paths, batch, strict=True):
+    with Image.open(path) as image:
+      np.testing.assert_array_equal(np.asarray(image), expected)

@@ -84,7 +84,9 @@ def test_study_layout_and_summary(study):
     assert sorted(os.listdir(os.path.join(member, "checkpoints"))) == ["3", "6"]
     for step in (3, 6):
       for ext in ("png", "npz"):
-        assert os.path.exists(os.path.join(member, "samples", f"step_{step:07d}.{ext}"))
+        assert os.path.exists(
+          os.path.join(member, "samples", f"step_{step:07d}_dpm_solver++_20steps.{ext}")
+        )
   with open(os.path.join(study.workdir, "config.json")) as f:
     assert json.load(f)["seeds"] == "0,1,2"
   with open(os.path.join(study.workdir, "seed_summary.json")) as f:

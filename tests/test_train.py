@@ -21,8 +21,12 @@ import pytest
 from PIL import Image
 from run_files import load_state, read_metrics, trees_equal
 
-from diffusion_jax import checkpoints, diffusion, images, interrupts, rng, sample_mode, train
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.core import diffusion, rng
+from diffusion_jax.experiment import optim, sample_mode, train
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.runtime import checkpoints, images, interrupts
+from diffusion_jax.runtime.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -97,8 +101,15 @@ def resumed(reference, tiny_config, tmp_path_factory):
 
 def test_train_writes_config_metrics_checkpoints_and_grids(reference):
   config, workdir = reference.config, reference.workdir
+  # The config as given, with each "auto" speed setting resolved for this backend.
+  resolved = run_lib.resolve_auto(config, jax.default_backend())
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+    written = json.load(f)
+  assert written == json.loads(json.dumps(resolved.to_dict()))
+  assert "auto" not in json.dumps(written)
+  # The loss-curve picture, redrawn at each checkpoint.
+  with Image.open(os.path.join(workdir, "metrics.png")) as picture:
+    assert picture.format == "PNG" and picture.size == (1000, 700)
 
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, config.train.num_steps + 1))
@@ -111,11 +122,14 @@ def test_train_writes_config_metrics_checkpoints_and_grids(reference):
 
   assert saved_steps(workdir) == [3, 6]
   for step in (3, 6):
-    name = os.path.join(workdir, "samples", f"step_{step:07d}")
+    # Previews by DPM-Solver++ (train.grid_sampler), which the file name says.
+    name = os.path.join(workdir, "samples", f"step_{step:07d}_dpm_solver++_20steps")
     samples = read_npz(name + ".npz")
     assert samples.dtype == np.uint8
     assert samples.shape == (config.train.num_grid_samples, 8, 8, 3)
-    np.testing.assert_array_equal(read_png(name + ".png"), images.make_grid(samples))
+    np.testing.assert_array_equal(
+      read_png(name + ".png"), images.make_grid(images.upscale(samples))
+    )
 
 
 def test_checkpoint_holds_the_trained_state(reference):
@@ -147,7 +161,7 @@ def test_resume_reproduces_the_uninterrupted_run(reference, resumed):
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert records[3:] == read_metrics(reference.workdir)[3:]
   # The final grids come from equal EMA parameters and the same sample key.
-  grid = "samples/step_0000006.npz"
+  grid = "samples/step_0000006_dpm_solver++_20steps.npz"
   np.testing.assert_array_equal(
     read_npz(os.path.join(resumed.workdir, grid)), read_npz(os.path.join(reference.workdir, grid))
   )
@@ -177,7 +191,10 @@ def test_different_seed_gives_different_params(reference, tiny_config, tmp_path)
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records] == [1, 3]
   assert saved_steps(tmp_path) == [3]
-  assert sorted(os.listdir(tmp_path / "samples")) == ["step_0000003.npz", "step_0000003.png"]
+  assert sorted(os.listdir(tmp_path / "samples")) == [
+    "step_0000003_dpm_solver++_20steps.npz",
+    "step_0000003_dpm_solver++_20steps.png",
+  ]
 
   other = load_state(config, str(tmp_path))
   same_steps = load_state(reference.config, reference.workdir, step=3)
@@ -193,14 +210,18 @@ def test_different_seed_gives_different_params(reference, tiny_config, tmp_path)
 def step_setup(reference, tiny_config, tmp_path_factory):
   """A jitted train step of the tiny model with dropout, a trained and a fresh state, a batch."""
   config = tiny_config({"model.dropout": 0.1})
-  run = train.make_run(config)
+  run = run_lib.make_run(config)
   step_fn = jax.jit(
     functools.partial(
-      train.train_step, model=run.model, schedule=run.schedule, tx=run.tx, train_config=config.train
+      step_lib.train_step,
+      model=run.model,
+      schedule=run.schedule,
+      tx=run.tx,
+      train_config=config.train,
     )
   )
   empty = checkpoints.CheckpointStore(str(tmp_path_factory.mktemp("fresh")))
-  fresh = jax.device_get(train.restore_or_init(run, empty))
+  fresh = jax.device_get(run_lib.restore_or_init(run, empty))
   empty.close()
   trained = load_state(config, reference.workdir, step=3)
   batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
@@ -248,12 +269,12 @@ def test_global_norm_and_its_flat_copy():
   """The norm of all leaves together, as float64 arithmetic gives it; the copy read back from
   the flat vector is the tree itself, bit for bit, and an empty tree has norm 0."""
   tree = mixed_tree(0)
-  copy, norm = jax.jit(train.flat_copy_and_norm)(tree)
+  copy, norm = jax.jit(optim.flat_copy_and_norm)(tree)
   assert_bitwise_equal(copy, tree)
   assert norm.dtype == jnp.float32
   assert float(norm) == pytest.approx(global_norm64(tree), rel=1e-6)
-  assert float(train.global_norm(tree)) == float(norm)
-  assert float(train.global_norm({})) == 0.0
+  assert float(optim.global_norm(tree)) == float(norm)
+  assert float(optim.global_norm({})) == 0.0
 
 
 @pytest.mark.parametrize("scale", [0.01, 10.0])  # global norm below / above the threshold
@@ -263,11 +284,11 @@ def test_clip_by_global_norm_equals_optax(scale):
   import optax
 
   grads, params = mixed_tree(1, scale), mixed_tree(2)
-  ours, theirs = train.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
   state = ours.init(params)
   assert jax.tree.structure(state) == jax.tree.structure(theirs.init(params))
   expected, _ = theirs.update(grads, theirs.init(params))
-  for kwargs in ({}, {"grad_norm": train.global_norm(grads)}):
+  for kwargs in ({}, {"grad_norm": optim.global_norm(grads)}):
     clipped, new_state = ours.update(grads, state, params, **kwargs)
     assert new_state == state
     for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected), strict=True):
@@ -281,9 +302,9 @@ def test_clip_by_global_norm_equals_optax(scale):
       {"learning_rate": 1e-3, "warmup_steps": 0, "num_steps": 10, "cooldown_steps": 0}
     )
     config.update(adam_b1=0.9, adam_b2=0.99, adam_eps=1e-8, grad_clip=clip)
-    tx = train.make_optimizer(config)
+    tx = optim.make_optimizer(config)
     opt_state = tx.init(params)
-    with_norm = tx.update(grads, opt_state, params, grad_norm=train.global_norm(grads))
+    with_norm = tx.update(grads, opt_state, params, grad_norm=optim.global_norm(grads))
     without = tx.update(grads, opt_state, params)
     assert_bitwise_equal(with_norm, without)
 
@@ -295,7 +316,7 @@ def test_learning_rate_follows_the_linear_warmup(step_setup, step):
   _, metrics = s.step_fn(state, s.batch, jax.random.key(0))
   expected = warmup_lr(s.config.train, step)
   assert float(metrics["lr"]) == pytest.approx(expected, rel=1e-6, abs=0.0)
-  assert float(train.learning_rate_schedule(s.config.train)(jnp.int32(step))) == pytest.approx(
+  assert float(optim.learning_rate_schedule(s.config.train)(jnp.int32(step))) == pytest.approx(
     expected
   )
 
@@ -304,14 +325,14 @@ def test_learning_rate_cooldown_reaches_zero_at_num_steps():
   config = ml_collections.ConfigDict(
     {"learning_rate": 1e-3, "warmup_steps": 10, "num_steps": 100, "cooldown_steps": 40}
   )
-  schedule = train.learning_rate_schedule(config)
+  schedule = optim.learning_rate_schedule(config)
   # Warm-up, plateau, then a straight line from (60, lr) to (100, 0).
   expected = {0: 0.0, 5: 5e-4, 10: 1e-3, 59: 1e-3, 60: 1e-3, 70: 7.5e-4, 99: 2.5e-5, 100: 0.0}
   for step, lr in expected.items():
     assert float(schedule(jnp.int32(step))) == pytest.approx(lr, rel=1e-6, abs=1e-12), step
   # Without a cool-down the rate stays constant after the warm-up, whatever num_steps is.
   config.cooldown_steps = 0
-  assert float(train.learning_rate_schedule(config)(jnp.int32(99))) == pytest.approx(1e-3)
+  assert float(optim.learning_rate_schedule(config)(jnp.int32(99))) == pytest.approx(1e-3)
 
 
 def test_first_step_has_zero_learning_rate(step_setup):
@@ -400,11 +421,11 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
 def test_train_step_without_dropout_uses_the_same_per_example_keys(tiny_config):
   """Without dropout the model runs once on the whole batch; the loss is the same formula."""
   config = tiny_config({"model.dropout": 0.0})
-  run = train.make_run(config)
-  assert not train._uses_dropout(run.model)
+  run = run_lib.make_run(config)
+  assert not step_lib._uses_dropout(run.model)
   step_fn = jax.jit(
     functools.partial(
-      train.train_step,
+      step_lib.train_step,
       model=run.model,
       schedule=run.schedule,
       tx=run.tx,
@@ -418,7 +439,7 @@ def test_train_step_without_dropout_uses_the_same_per_example_keys(tiny_config):
   # Random last layers: a freshly initialised U-Net outputs zeros, whatever t and noise it sees.
   noise = np.random.default_rng(2)
   params = jax.tree.map(lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), params)
-  state = train.TrainState(
+  state = step_lib.TrainState(
     step=jnp.int32(4), params=params, ema_params=params, opt_state=run.tx.init(params)
   )
   batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
@@ -450,7 +471,7 @@ def test_train_step_loss_follows_the_configured_prediction(step_setup):
   s = step_setup
   step_fn = jax.jit(
     functools.partial(
-      train.train_step,
+      step_lib.train_step,
       model=s.run.model,
       schedule=s.run.schedule,
       tx=s.run.tx,
@@ -507,7 +528,7 @@ def test_sample_from_checkpoint_writes_png_and_npz(reference, sample_workdir, se
   num_samples = reference.config.sample.num_samples
   assert out.samples.dtype == np.uint8 and out.samples.shape == (num_samples, 8, 8, 3)
   np.testing.assert_array_equal(out.npz_data, out.samples)
-  np.testing.assert_array_equal(read_png(out.png), images.make_grid(out.samples))
+  np.testing.assert_array_equal(read_png(out.png), images.make_grid(images.upscale(out.samples)))
   # Distinct noise per sample gives distinct images.
   assert len({s.tobytes() for s in out.samples}) == num_samples
 
@@ -714,7 +735,7 @@ def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(
   damage(str(tmp_path / "checkpoints" / "6"))
   with caplog.at_level("WARNING"):
     state = load_state(reference.config, str(tmp_path))
-  assert "checkpoint at step 6 is unreadable" in caplog.text
+  assert "checkpoint at step 6 is damaged" in caplog.text
   assert_bitwise_equal(state, load_state(reference.config, reference.workdir, step=3))
   # Training resumes from step 3 (the same fallback) and writes a good step 6 over the broken one.
   train.train_and_evaluate(reference.config, str(tmp_path))

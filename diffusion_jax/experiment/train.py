@@ -21,7 +21,7 @@ from diffusion_jax.core import rng
 from diffusion_jax.experiment import generate, settings, studies
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
-from diffusion_jax.runtime import checkpoints, interrupts, parallel
+from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
 from diffusion_jax.runtime.errors import TrainingStopped
 from diffusion_jax.runtime.metric_writer import MetricWriter
 
@@ -58,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   members = _members(config, workdir)
   study = settings.study_seeds(config) is not None
   num_seeds = len(members) if len(members) > 1 else None  # None: no seed axis
-  source = data.make_source(config.data)  # Fails early, with a one-line error, on bad data.
+  source = data.make_source(run.data)  # Fails early, with a one-line error, on bad data.
   logging.info("data: %s with %d examples", config.data.dataset, len(source))
   _write_config(config, workdir)
   for member in members if study else []:
@@ -144,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           store.save(
             step, flax.serialization.to_state_dict(member_state), _meta(member.config, step)
           )
+        _plot_metrics(workdir, members, study)
       if (sample_now or is_last) and train_config.num_grid_samples > 0:
         grids.write(step, state.ema_params)
       if stopped_by:
@@ -181,7 +182,7 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
   leading axis of train.steps_per_call batches (the rest repeat the first)."""
   iterators = [
     data.make_train_iterator(
-      run.config.data,
+      run.data,
       global_batch_size=run.train.batch_size,
       seed=m.seed,
       start_step=start_step,
@@ -208,6 +209,17 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
   return next_batch
 
 
+def _plot_metrics(workdir: str, members: list[_Member], study: bool) -> None:
+  """WORKDIR/metrics.png: the loss curves so far (a seed study's seeds overlaid)."""
+  if jax.process_index() != 0:
+    return
+  runs = {f"seed {m.seed}": m.workdir for m in members} if study else workdir
+  try:
+    plots.write_metrics_plot(runs, os.path.join(workdir, "metrics.png"))
+  except OSError as e:  # a picture is not worth stopping a run for
+    logging.warning("could not write %s: %s", os.path.join(workdir, "metrics.png"), e)
+
+
 def _log(step: int, values_per_seed, members, writers, store, study: bool) -> None:
   """Writes each member's metrics; stops the run on a non-finite one."""
   for member, values, writer in zip(members, values_per_seed, writers, strict=True):
@@ -229,7 +241,8 @@ class _GridWriter:
 
   def write(self, step: int, ema_params: Any) -> None:
     run = self.run
-    self.sample_fn = self.sample_fn or run.sample_fn()
+    options, _ = run.grid_sampler()
+    self.sample_fn = self.sample_fn or run.sample_fn(**options)
     prompts, condition, count = run.grid_prompts(run.train.num_grid_samples)
     for i, member in enumerate(self.members):
       _say(self.progress, f"sampling {count} images at step {step}")
@@ -242,8 +255,18 @@ class _GridWriter:
         run.sample.batch_size,
         condition,
       )
-      png, _ = generate.write_samples(member.workdir, f"step_{step:07d}", samples, prompts=prompts)
+      name = grid_name(step, run.config)
+      png, _ = generate.write_samples(member.workdir, name, samples, prompts=prompts)
       _say(self.progress, f"wrote {png}")
+
+
+def grid_name(step: int, config: ml_collections.ConfigDict) -> str:
+  """The file name (no extension) of the training-time grid at `step`: it names the sampler."""
+  train = config.train
+  _, suffix = settings.grid_sampler(
+    train.grid_sampler, train.grid_num_steps, config.diffusion.num_timesteps
+  )
+  return f"step_{step:07d}{suffix}"
 
 
 def _host_metrics(metrics: dict[str, jax.Array], num_seeds: int | None) -> list[dict[str, float]]:
@@ -277,7 +300,7 @@ def write_study_summary(
   for seed in seeds:
     member = studies.member_workdir(workdir, seed)
     figures = studies.training_figures(member, num_steps)
-    npz = os.path.join(member, "samples", f"step_{num_steps:07d}.npz")
+    npz = os.path.join(member, "samples", f"{grid_name(num_steps, config)}.npz")
     if os.path.exists(npz):
       with np.load(npz) as f:
         samples = f["samples"]

@@ -32,18 +32,45 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
   return grid
 
 
+# Grids show each image at least this many pixels wide and high: 16x16 samples are too small to
+# judge at their own size.
+MIN_VIEW_SIZE = 64
+
+
+def upscale(images: np.ndarray, min_size: int = MIN_VIEW_SIZE) -> np.ndarray:
+  """Nearest-neighbour upscaling by the smallest integer factor that makes H and W >= min_size.
+
+  Args:
+    images: [..., H, W, C].
+
+  Returns:
+    [..., k H, k W, C], k = max(1, ceil(min_size / min(H, W))); every source pixel becomes a
+    k x k block.
+  """
+  images = np.asarray(images)
+  h, w = images.shape[-3:-1]
+  k = max(1, math.ceil(min_size / min(h, w)))
+  return images if k == 1 else images.repeat(k, axis=-3).repeat(k, axis=-2)
+
+
 def save_grid(path: str, images: np.ndarray, columns: int | None = None) -> str:
-  """Writes `images` (uint8 [N, H, W, C]) as one PNG grid at `path`; returns the path."""
+  """Writes `images` (uint8 [N, H, W, C]) as one PNG grid at `path`, each image upscaled to at
+  least MIN_VIEW_SIZE pixels (`upscale`); returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  grid = make_grid(images, columns)
+  grid = make_grid(upscale(images), columns)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
   return path
 
 
 def save_npz(path: str, images: np.ndarray, **extra) -> str:
-  """Writes uint8 [N, H, W, C] samples (key "samples") and `extra` arrays to `path`."""
+  """Writes uint8 [N, H, W, C] samples and `extra` arrays to `path`.
+
+  The samples are stored under "samples" and under "arr_0", the key that guided-diffusion's
+  evaluator and other FID tools read.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, samples=np.asarray(images, dtype=np.uint8), **extra)
+  samples = np.asarray(images, dtype=np.uint8)
+  np.savez(path, samples=samples, arr_0=samples, **extra)
   return path
 
 
@@ -57,14 +84,12 @@ def save_labelled_grid(path: str, images: np.ndarray, labels: list[str], pad: in
     pad: pixels between images.
 
   Returns:
-    The path. Images smaller than 32 pixels are scaled up (nearest neighbour, by an integer) so
-    that rows are at least as tall as the text.
+    The path. Images are upscaled to at least MIN_VIEW_SIZE pixels (`upscale`).
   """
   images = np.asarray(images)
   if images.ndim != 5 or len(labels) != images.shape[0]:
     raise ValueError(f"expected [R, N, H, W, C] images for {len(labels)} labels: {images.shape}")
-  scale = max(1, 32 // images.shape[2])
-  images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+  images = upscale(images)
   rows = [make_grid(row, columns=row.shape[0], pad=pad) for row in images]
   texts = [label or "(unconditional)" for label in labels]
   font = ImageFont.load_default()
@@ -81,3 +106,17 @@ def save_labelled_grid(path: str, images: np.ndarray, labels: list[str], pad: in
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   canvas.save(path)
   return path
+
+
+def save_pngs(directory: str, images: np.ndarray) -> list[str]:
+  """Writes each image (uint8 [N, H, W, C]) at its own size as DIRECTORY/000000.png, ...: the
+  layout FID tools read. Returns the paths."""
+  os.makedirs(directory, exist_ok=True)
+  images = np.asarray(images, dtype=np.uint8)
+  digits = max(6, len(str(len(images) - 1)))
+  paths = []
+  for i, image in enumerate(images):
+    path = os.path.join(directory, f"{i:0{digits}d}.png")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    paths.append(path)
+  return paths
