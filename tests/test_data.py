@@ -237,7 +237,9 @@ def test_folder_bad_path(tmp_path, kind):
 
 def test_folder_unreadable_image(tmp_path):
   write_image(tmp_path / "a.png", (8, 8), (1, 2, 3))
-  (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+  # The header opens, so listing keeps the file; its truncated data fails only when decoded.
+  write_image(tmp_path / "b.jpg", (64, 64), (9, 9, 9))
+  (tmp_path / "b.jpg").write_bytes((tmp_path / "b.jpg").read_bytes()[:-50])
   source = make_source(data_config(dataset="folder", path=str(tmp_path)))
   with pytest.raises(ConfigError) as excinfo:
     source[1]
