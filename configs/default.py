@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.grid_sampler = "dpm_solver++"
   train.grid_num_steps = 20  # At most diffusion.num_timesteps.
   train.keep_checkpoints = 3  # The newest ones kept.
+  train.keep_every = 0  # Also keep every checkpoint at a multiple of this step, for good; 0: none.
   # Up to k train steps per dispatch, in a loop on the device: less host overhead for small
   # models. A call ends where a step logs, saves or samples (the first call's end logs in place
   # of step 1). Results do not depend on how steps fall into calls (resuming included); against

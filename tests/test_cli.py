@@ -131,6 +131,12 @@ ERROR_CASES = {
     {},
     ["sample.num_samples=0", "must be a positive integer"],
   ),
+  "workdir_is_not_a_directory": (
+    # The fixture makes the workdir's parent a file.
+    ["--config=shapes"],
+    {},
+    ["cannot write", "Not a directory", "checkpoints already written are kept"],
+  ),
   "no_config_and_no_saved_run": (
     [],
     {},
@@ -147,6 +153,9 @@ def error_runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp(name) / "run"
     if name == "sample_without_checkpoint":
       workdir.mkdir()
+    if name == "workdir_is_not_a_directory":
+      workdir = workdir.parent / "a_file" / "run"
+      workdir.parent.write_text("not a directory")
     processes[name] = (start([*args, f"--workdir={workdir}"], cli_env(**extra_env)), workdir)
   return {name: (finish(process), workdir) for name, (process, workdir) in processes.items()}
 

@@ -201,6 +201,12 @@ def main(argv: list[str]) -> None:
         print(f"wrote {len(samples)} samples: {png} and {npz}")
   except (ConfigError, FloatingPointError) as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # an unwritable or full workdir, a vanished file
+    where = f" {e.filename}" if e.filename else ""
+    raise SystemExit(
+      f"error: cannot write or read{where}: {e.strerror or e}; check --workdir={workdir} "
+      "(writable, space left); checkpoints already written are kept"
+    ) from None
   except TrainingStopped as e:
     # A checkpoint is saved: SIGTERM (preemption, a batch scheduler's time limit) is a clean
     # exit, status 0; Ctrl-C keeps the shell's usual 130.

@@ -55,7 +55,7 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
   try:
     with open(path(workdir)) as f:
       values = json.load(f)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return None
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path(workdir)} is unreadable ({e}); pass --config=NAME") from None

@@ -23,6 +23,7 @@ _MINIMA = (
   ("train.sample_every", 0),
   ("train.num_grid_samples", 0),
   ("train.keep_checkpoints", 1),
+  ("train.keep_every", 0),
   ("sample.batch_size", 1),
   ("sample.num_samples", 1),
   ("eval.batch_size", 1),
@@ -189,6 +190,7 @@ class TrainSettings:
   grid_sampler: str
   grid_num_steps: int
   keep_checkpoints: int
+  keep_every: int
   steps_per_call: int
   progress: bool
   seed_batching: str

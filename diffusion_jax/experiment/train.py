@@ -66,7 +66,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   stores = [
     checkpoints.CheckpointStore(
-      os.path.join(m.workdir, "checkpoints"), keep=train_config.keep_checkpoints
+      os.path.join(m.workdir, "checkpoints"),
+      keep=train_config.keep_checkpoints,
+      keep_every=train_config.keep_every,
     )
     for m in members
   ]

@@ -19,13 +19,18 @@ class CheckpointStore:
   Args:
     directory: WORKDIR/checkpoints.
     keep: how many of the newest checkpoints to keep.
+    keep_every: also keep every checkpoint whose step is a multiple of this, for good (Orbax's
+      keep_period); 0: none.
   """
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory: str, keep: int = 3, keep_every: int = 0):
     self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max(keep, 1), keep_period=keep_every or None, create=True
+    )
     self._manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True),
+      options=options,
       item_names=("state", "meta"),
     )
 
