@@ -421,13 +421,3 @@ def test_up_path_in_parts_is_the_concatenated_network():
   parts_out, parts_grads, _, _ = _network_under("skips_in_parts", True, 6)
   _assert_equal_up_to_rounding(out, parts_out)
   _assert_equal_up_to_rounding(grads, parts_grads)
-
-
-def test_reference_group_norm_network_is_the_fused_one():
-  """`FastPaths.group_norm`: the plain formula with autodiff against the fused operation, in the
-  whole network: the same parameters, output and gradients up to rounding."""
-  out, grads, _, params = _network_under("group_norm", "fused", 7)
-  ref_out, ref_grads, _, ref_params = _network_under("group_norm", "reference", 7)
-  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
-  _assert_equal_up_to_rounding(out, ref_out)
-  _assert_equal_up_to_rounding(grads, ref_grads)

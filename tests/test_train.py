@@ -22,7 +22,7 @@ from PIL import Image
 from run_files import load_state, read_metrics, trees_equal
 
 from diffusion_jax.core import diffusion, rng
-from diffusion_jax.experiment import optim, sample_mode, train
+from diffusion_jax.experiment import generate, optim, sample_mode, train
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.experiment import train_step as step_lib
 from diffusion_jax.runtime import checkpoints, images, interrupts
@@ -743,3 +743,16 @@ def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(
   assert_bitwise_equal(
     load_state(reference.config, str(tmp_path)), load_state(reference.config, reference.workdir)
   )
+
+
+def test_load_rebuilds_a_run_from_its_directory(reference):
+  """The Python API of the README: a run directory alone gives the network, the trained state
+  and samples from any sampler."""
+  run, state = run_lib.load(reference.workdir)
+  assert_bitwise_equal(state, load_state(reference.config, reference.workdir))
+  assert run.model.config == run_lib.make_run(reference.config).model.config
+  sample_fn = run.sample_fn(sampler="ddim", num_steps=3)
+  samples = generate.generate(sample_fn, state.ema_params, jax.random.key(0), 3, 4)
+  assert samples.shape == (3, 8, 8, 3) and samples.dtype == np.uint8
+  with pytest.raises(ConfigError, match="config.json does not exist"):
+    run_lib.load(os.path.join(reference.workdir, "nothing_here"))

@@ -6,6 +6,7 @@ Fast paths set to "auto" are resolved here, once, from the backend (`resolve_fas
 
 import copy
 import dataclasses
+import os
 from typing import Any
 
 import flax
@@ -238,6 +239,30 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     tokenizer=tokenizer,
     class_names=class_names,
   )
+
+
+def load(workdir: str) -> tuple[Run, TrainState]:
+  """The run in `workdir`, rebuilt from its config.json, and its latest checkpoint's state.
+
+  Example:
+    run, state = load("runs/shapes")
+    sample_fn = run.sample_fn(sampler="dpm_solver++", num_steps=20)
+    images = generate.generate(sample_fn, state.ema_params, jax.random.key(0), 16, 64)
+
+  Raises:
+    ConfigError: no config.json or no checkpoint in `workdir`.
+  """
+  from diffusion_jax.experiment import saved_config
+
+  run = make_run(saved_config.get_config(workdir))
+  directory = os.path.join(workdir, "checkpoints")
+  store = checkpoints.CheckpointStore(directory)
+  try:
+    if store.latest_step() is None:
+      raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
+    return run, restore_or_init(run, store)
+  finally:
+    store.close()
 
 
 def restore_or_init(run: Run, store: checkpoints.CheckpointStore) -> TrainState:
