@@ -16,9 +16,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from absl import app  # noqa: E402
-
-import main  # noqa: E402
+from diffusion_jax.experiment import cli  # noqa: E402
 from diffusion_jax.runtime import parallel  # noqa: E402
 
 
@@ -41,5 +39,4 @@ def signal_at_step(signum: int, step: int, wait_for: str) -> None:
 if __name__ == "__main__":
   name, step, wait_for, *args = sys.argv[1:]
   signal_at_step(signal.Signals[name], int(step), wait_for)
-  argv, main._CONFIG_NAME = main.resolve_config_arg([os.path.join(ROOT, "main.py"), *args])
-  app.run(main.main, argv=argv)
+  cli.run([os.path.join(ROOT, "main.py"), *args])

@@ -538,9 +538,14 @@ def test_sample_seed_controls_the_samples(reference, sample_workdir, seed0_sampl
   np.testing.assert_array_equal(read_npz(again_npz), seed0_samples.npz_data)
 
   _, npz, samples = sample_mode.sample_from_checkpoint(
-    tiny_config({"sample.seed": 1}), sample_workdir
+    tiny_config({"sample.seed": 1, "sample.save_images": True}), sample_workdir
   )
   assert os.path.basename(npz) == "samples_0000006_seed1.npz"
+  # sample.save_images: one PNG per image, at its own size, beside the grid.
+  folder = os.path.join(sample_workdir, "samples", "samples_0000006_seed1")
+  assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(len(samples))]
+  for i, sample in enumerate(samples):
+    np.testing.assert_array_equal(read_png(os.path.join(folder, f"{i:06d}.png")), sample)
   assert samples.shape == seed0_samples.samples.shape
   for a, b in zip(samples, seed0_samples.samples, strict=True):
     assert not np.array_equal(a, b)

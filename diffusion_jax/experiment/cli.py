@@ -163,8 +163,8 @@ def main(argv: list[str]) -> None:
   quiet_logs()
   import jax
 
-  from diffusion_jax.runtime import hostmem, parallel
-  from diffusion_jax.runtime.errors import ConfigError, TrainingStopped
+  from diffusion_jax.runtime import hostmem, interrupts, parallel
+  from diffusion_jax.runtime.errors import ConfigError, SamplingStopped, TrainingStopped
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", _run_name)
@@ -190,13 +190,15 @@ def main(argv: list[str]) -> None:
     elif FLAGS.mode == "eval":
       _evaluate(config, workdir)
     elif settings.study_seeds(config) or settings.sample_seeds(config):
-      written, (_, summary) = sample_mode.sample_study(config, workdir)
+      with interrupts.stop_sampling_on_signals():
+        written, (_, summary) = sample_mode.sample_study(config, workdir)
       if jax.process_index() == 0:
         for png, npz in written:
           print(f"wrote {config.sample.num_samples} samples: {png} and {npz}")
         print(f"wrote the seed study summary {summary}")
     else:
-      png, npz, samples = sample_mode.sample_from_checkpoint(config, workdir)
+      with interrupts.stop_sampling_on_signals():
+        png, npz, samples = sample_mode.sample_from_checkpoint(config, workdir)
       if jax.process_index() == 0:
         print(f"wrote {len(samples)} samples: {png} and {npz}")
   except (ConfigError, FloatingPointError) as e:
@@ -207,9 +209,9 @@ def main(argv: list[str]) -> None:
       f"error: cannot write or read{where}: {e.strerror or e}; check --workdir={workdir} "
       "(writable, space left); checkpoints already written are kept"
     ) from None
-  except TrainingStopped as e:
-    # A checkpoint is saved: SIGTERM (preemption, a batch scheduler's time limit) is a clean
-    # exit, status 0; Ctrl-C keeps the shell's usual 130.
+  except (TrainingStopped, SamplingStopped) as e:
+    # Training saved a checkpoint, sampling wrote nothing: SIGTERM (preemption, a batch
+    # scheduler's time limit) is a clean exit, status 0; Ctrl-C keeps the shell's usual 130.
     if jax.process_index() == 0:
       print(e, file=sys.stderr)
     raise SystemExit(130 if e.signal_name == "SIGINT" else 0) from None

@@ -2,21 +2,112 @@
 
 Image i of a request depends only on fold_in(key, i), so the images are the same for any
 `batch_size` or device count (up to float tolerance) and a request can be split freely.
+
+With `SampleProgress`, a compiled call reports every network call to the host (a callback
+inside the sampler's scan): `generate` shows a progress bar and stops within a step when
+`runtime.interrupts.stop_sampling_on_signals` records a signal.
 """
 
+import dataclasses
+import logging as std_logging
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from diffusion_jax import data, models
 from diffusion_jax.core.schedules import Schedule
-from diffusion_jax.runtime import images, parallel
+from diffusion_jax.runtime import images, interrupts, parallel
+from diffusion_jax.runtime.errors import SamplingStopped
 from diffusion_jax.sampling import guidance, samplers
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleProgress:
+  """How a sampling function made by `make_sample_fn(progress=...)` reports its network calls.
+
+  Attributes:
+    show: draw `generate`'s bar (on process 0 only); False keeps only the stop check.
+    leave: keep the finished bar on the terminal (False for bars under another one).
+    file: the bar's stream; None is tqdm's default, stderr.
+  """
+
+  show: bool = True
+  leave: bool = True
+  file: Any = None
+
+
+class _Stop(Exception):
+  """Raised in the host callback to abort a compiled sampling call."""
+
+
+class _DropStopTracebacks(std_logging.Filter):
+  # jax logs every exception of a callback with its traceback; a requested stop is no error.
+  def filter(self, record):
+    return not (record.exc_info and isinstance(record.exc_info[1], _Stop))
+
+
+_DROP_STOP_TRACEBACKS = _DropStopTracebacks()
+
+
+class _Reporter:
+  """The host side of one sampling function's callbacks: the bar and the stop check."""
+
+  def __init__(self, options: SampleProgress, calls_per_batch: int):
+    self.options, self.calls_per_batch = options, calls_per_batch
+    self.bar = None  # the bar of the running `generate`
+    self.stopped = None  # the signal that aborted the running call
+
+  def tick(self):
+    """Called once per network call on each process (from its first device)."""
+    self.check()
+    if self.bar is not None:
+      self.bar.update()
+
+  def check(self):
+    """Called once per network call by each of the process's other devices."""
+    name = interrupts.sampling_stop()
+    if name:
+      self.stopped = name
+      raise _Stop(name)
+
+
+def _reporting(denoise_fn, reporter: _Reporter, mesh: Mesh):
+  """`denoise_fn` that first reports to `reporter` on the host, once per network call.
+
+  Every device runs a callback (`reporter.check`, the first device of each process
+  `reporter.tick`), so that a stop aborts each device's part of the call at once and the bar
+  counts each call once. The callbacks take no operands (no transfers) and return nothing, so
+  the samples stay bitwise the same.
+  """
+  processes = [d.process_index for d in mesh.devices.flat]
+  first = np.array([p not in processes[:i] for i, p in enumerate(processes)])
+
+  def report(is_first):
+    jax.lax.cond(
+      is_first[0],
+      lambda: jax.debug.callback(reporter.tick),
+      lambda: jax.debug.callback(reporter.check),
+    )
+    return ()
+
+  # One shard of `first` per device. (Its operand also keeps XLA's partitioner from treating the
+  # callbacks as replicated, which it rejects for side effects.)
+  report_each = jax.shard_map(
+    report, mesh=mesh, in_specs=PartitionSpec(mesh.axis_names), out_specs=()
+  )
+
+  def fn(x_t, t):
+    report_each(first)
+    return denoise_fn(x_t, t)
+
+  return fn
 
 
 def make_sample_fn(
@@ -30,6 +121,7 @@ def make_sample_fn(
   guidance_scale: float = 1.0,
   num_classes: int = 0,
   microbatch: int = 0,
+  progress: SampleProgress | None = None,
   **sampler_options,
 ):
   """Compiles one sampling call: (params, key, first_index, condition) -> images.
@@ -46,6 +138,8 @@ def make_sample_fn(
     num_classes: the null label of a class-conditional model.
     microbatch: examples per network call on each device (`models.in_chunks`; the config's
       `model.microbatch`); 0 runs the whole batch at once.
+    progress: report every network call to the host, for `generate`'s progress bar and its stop
+      on a signal; None compiles the plain sampler.
     **sampler_options: sampler, num_steps and the sampler's options (prediction, clip_x0,
       variance, eta, skip, ...; see `samplers.sample`).
 
@@ -53,9 +147,19 @@ def make_sample_fn(
     A jitted function (params, key, first_index, condition) returning uint8 [batch_size, H, W,
     C] in [0, 255] (float32 in about [-1, 1] if not `to_uint8`), sharded over the batch.
     `condition` is {} for an unconditional model, else a dict of [batch_size, ...] arrays
-    (labels or tokens).
+    (labels or tokens). With `progress`, its attribute `progress` is the host side `generate`
+    uses.
   """
   parallel.check_batch_size(batch_size, mesh, field="sample.batch_size")
+  reporter = None
+  if progress is not None:
+    sampler = sampler_options.get("sampler", "ddpm")
+    num_steps = sampler_options.get("num_steps") or samplers.DEFAULT_NUM_STEPS.get(
+      sampler, schedule.num_timesteps
+    )
+    reporter = _Reporter(progress, samplers.num_function_evaluations(sampler, num_steps))
+    if _DROP_STOP_TRACEBACKS not in std_logging.getLogger("jax._src.debugging").filters:
+      std_logging.getLogger("jax._src.debugging").addFilter(_DROP_STOP_TRACEBACKS)
 
   def sample_fn(params, key, first_index, cond):
     apply_fn = lambda x_t, t, **c: model.apply({"params": params}, x_t, t, train=False, **c)
@@ -67,6 +171,8 @@ def make_sample_fn(
       num_classes=num_classes,
       data_channels=image_shape[-1],
     )
+    if reporter is not None:
+      denoise_fn = _reporting(denoise_fn, reporter, mesh)
     x0 = samplers.sample(
       denoise_fn,
       schedule,
@@ -77,12 +183,15 @@ def make_sample_fn(
     )
     return data.denormalize_images(x0) if to_uint8 else x0
 
-  return jax.jit(
+  jitted = jax.jit(
     sample_fn,
     # The condition comes from the host, the same on every process: replicated (it is small).
     in_shardings=(parallel.replicated(mesh), None, None, parallel.replicated(mesh)),
     out_shardings=parallel.batch_sharded(mesh),
   )
+  if reporter is not None:
+    jitted.progress = reporter
+  return jitted
 
 
 def generate(
@@ -95,26 +204,72 @@ def generate(
 ) -> np.ndarray:
   """Runs `sample_fn` over ceil(num_samples / batch_size) batches.
 
+  A `sample_fn` made with `progress` shows a bar over all batches' network calls and is aborted
+  within a network call of a stop request (`interrupts.stop_sampling_on_signals`); without it,
+  a request stops at the next batch.
+
   Args:
     condition: for a conditional model, arrays [num_samples, ...]: image i's condition.
 
   Returns:
     [num_samples, H, W, C] on the host, of `sample_fn`'s dtype (every process gets all of them).
+
+  Raises:
+    SamplingStopped: a stop was requested.
   """
   outputs = []
   num_batches = -(-num_samples // batch_size)
-  for b in range(num_batches):
-    start = time.time()
-    cond = {}
-    if condition:
-      # The last batch is filled up with copies of the last condition; its extra images are
-      # dropped below.
-      picks = np.minimum(np.arange(b * batch_size, (b + 1) * batch_size), num_samples - 1)
-      cond = {name: np.asarray(value)[picks] for name, value in condition.items()}
-    batch = sample_fn(params, key, np.int32(b * batch_size), cond)
-    outputs.append(np.asarray(multihost_utils.process_allgather(batch, tiled=True)))
-    logging.info("sampled batch %d/%d in %.1fs", b + 1, num_batches, time.time() - start)
+  reporter = getattr(sample_fn, "progress", None)
+  if reporter is not None:
+    options = reporter.options
+    reporter.stopped = None
+    reporter.bar = tqdm.tqdm(
+      total=num_batches * reporter.calls_per_batch,
+      desc=f"sampling {num_samples} images",
+      unit="step",
+      leave=options.leave,
+      file=options.file,
+      disable=not options.show or jax.process_index() != 0,
+    )
+  try:
+    for b in range(num_batches):
+      stop = interrupts.sampling_stop()
+      if stop:
+        raise SamplingStopped(stop)
+      if reporter is not None and num_batches > 1:
+        reporter.bar.set_postfix_str(f"batch {b + 1}/{num_batches}", refresh=False)
+      start = time.time()
+      cond = {}
+      if condition:
+        # The last batch is filled up with copies of the last condition; its extra images are
+        # dropped below.
+        picks = np.minimum(np.arange(b * batch_size, (b + 1) * batch_size), num_samples - 1)
+        cond = {name: np.asarray(value)[picks] for name, value in condition.items()}
+      try:
+        batch = sample_fn(params, key, np.int32(b * batch_size), cond)
+        outputs.append(np.asarray(multihost_utils.process_allgather(batch, tiled=True)))
+      except jax.errors.JaxRuntimeError:
+        if reporter is None or reporter.stopped is None:
+          raise
+        _forget_aborted_call()
+        raise SamplingStopped(reporter.stopped) from None
+      logging.info("sampled batch %d/%d in %.1fs", b + 1, num_batches, time.time() - start)
+  finally:
+    if reporter is not None:
+      reporter.bar.close()
+      reporter.bar = None
   return np.concatenate(outputs)[:num_samples]
+
+
+def _forget_aborted_call() -> None:
+  """Drops jax's record of the aborted call, which it would otherwise wait for at exit and report
+  the abort of as an error (jax 0.10's `dispatch.runtime_tokens`)."""
+  try:
+    from jax._src import dispatch
+
+    dispatch.runtime_tokens.clear()
+  except (ImportError, AttributeError):
+    pass
 
 
 def write_samples(

@@ -13,7 +13,7 @@ from diffusion_jax import data, text
 from diffusion_jax.core import rng
 from diffusion_jax.experiment import generate, settings, studies
 from diffusion_jax.experiment import run as run_lib
-from diffusion_jax.runtime import checkpoints
+from diffusion_jax.runtime import checkpoints, images
 from diffusion_jax.runtime.errors import ConfigError
 
 
@@ -30,7 +30,13 @@ def sample_from_checkpoint(
     (png path, npz path, uint8 samples [N, H, W, C]).
   """
   run = run_lib.make_run(config)
-  return _sample_run(run, run.sample_fn(), config, workdir)
+  return _sample_run(run, run.sample_fn(progress=_progress(config)), config, workdir)
+
+
+def _progress(config: ml_collections.ConfigDict) -> generate.SampleProgress:
+  # A bar over every network call (train.progress: whether to draw it on the terminal), and the
+  # per-step stop check of `interrupts.stop_sampling_on_signals`.
+  return generate.SampleProgress(show=config.train.progress)
 
 
 def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
@@ -59,6 +65,10 @@ def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, 
   )
   logging.info("sampled %d images in %.1fs", len(samples), time.time() - start)
   png, npz = generate.write_samples(workdir, name, samples, prompts=prompt_list, **extra)
+  if config.sample.save_images and jax.process_index() == 0:
+    folder = os.path.join(workdir, "samples", name)
+    images.save_pngs(folder, samples)
+    logging.info("wrote %d PNG files to %s", len(samples), folder)
   return png, npz, samples
 
 
@@ -123,7 +133,7 @@ def sample_study(
       member.sample.seed, member.sample.seeds = s, ""
       runs[s] = (member, workdir)
   run = run_lib.make_run(config)
-  sample_fn = run.sample_fn()
+  sample_fn = run.sample_fn(progress=_progress(config))
   source = data.make_source(config.data)
   count = min(config.sample.num_samples, len(source))
   reference = np.stack([source[i]["image"] for i in range(count)])

@@ -6,6 +6,7 @@ key is stored: every key is re-derived from (seed, step, example index).
 """
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -72,12 +73,16 @@ class CheckpointStore:
     Returns:
       (state, meta).
     """
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-      ),
-    )
+    try:
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception:
+      _quiet_closed_loop_reports()
+      raise
     return restored["state"], dict(restored["meta"])
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -106,6 +111,23 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
   )
+
+
+def _quiet_closed_loop_reports() -> None:
+  """After a failed restore, the reads Orbax still had in flight finish into its closed event
+  loop and each prints a traceback ("Event loop is closed") from a background thread; the
+  failure itself is reported by the caller. Drops those reports, and passes on any other."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiets_closed_loop = True
+  sys.unraisablehook = hook
 
 
 class IncompatibleCheckpoint(ValueError):

@@ -19,3 +19,15 @@ class TrainingStopped(Exception):
     )
     self.signal_name = signal_name
     self.step = step
+
+
+class SamplingStopped(Exception):
+  """Sampling stopped on a signal before it finished; no samples were written.
+
+  Attributes:
+    signal_name: "SIGTERM" or "SIGINT".
+  """
+
+  def __init__(self, signal_name: str):
+    super().__init__(f"stopped by {signal_name} while sampling; no samples written")
+    self.signal_name = signal_name
