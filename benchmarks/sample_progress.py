@@ -39,13 +39,17 @@ from diffusion_jax.runtime import hostmem  # noqa: E402
 from diffusion_jax.sampling import samplers  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "shapes", ("cifar10", "shapes"), "Config whose network samples.")
-flags.DEFINE_enum("sampler", "ddpm", samplers.SAMPLERS, "sample.sampler.")
-flags.DEFINE_integer("num_steps", None, "sample.num_steps (default: the config's).")
-flags.DEFINE_integer("batch", 64, "Images per sampling call (sample.batch_size).")
-flags.DEFINE_integer("rounds", 5, "Timed rounds; each times one call of each variant.")
-flags.DEFINE_integer("warmup", 1, "Untimed rounds after compiling.")
-flags.DEFINE_integer("zero_rounds", 20, "Rounds with the network that returns zeros (0: none).")
+
+
+def define_flags():
+  # Defined when run, not on import: the tests import several benchmark scripts together.
+  flags.DEFINE_enum("config", "shapes", ("cifar10", "shapes"), "Config whose network samples.")
+  flags.DEFINE_enum("sampler", "ddpm", samplers.SAMPLERS, "sample.sampler.")
+  flags.DEFINE_integer("num_steps", None, "sample.num_steps (default: the config's).")
+  flags.DEFINE_integer("batch", 64, "Images per sampling call (sample.batch_size).")
+  flags.DEFINE_integer("rounds", 5, "Timed rounds; each times one call of each variant.")
+  flags.DEFINE_integer("warmup", 1, "Untimed rounds after compiling.")
+  flags.DEFINE_integer("zero_rounds", 20, "Rounds with the network that returns zeros (0: none).")
 
 
 class ZeroNet(nn.Module):
@@ -191,4 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax.experiment import generate
+from diffusion_jax.experiment import generate, train
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.runtime import interrupts
-from diffusion_jax.runtime.errors import SamplingStopped
+from diffusion_jax.runtime.errors import SamplingStopped, TrainingStopped
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_SAMPLES, BATCH = 10, 4  # 3 batches, the last one partly filled
@@ -111,6 +111,26 @@ def test_a_stop_request_aborts_the_running_call_at_the_next_step(setup, monkeypa
   samples = generate.generate(sample_fn, params, jax.random.key(1), NUM_SAMPLES, BATCH)
   np.testing.assert_array_equal(samples, reference)
   assert sample_fn._cache_size() == 1
+
+
+def test_a_stop_during_a_training_grid_saves_that_step_and_resumes(
+  tiny_config, fast_compile, tmp_path, monkeypatch
+):
+  # Step 3 draws a grid but is no checkpoint step; the stop comes at the grid's 6th network call.
+  config = tiny_config({"train.checkpoint_every": 6})
+  workdir = str(tmp_path)
+  calls = stop_after(monkeypatch, 1 + 5)
+  with pytest.raises(TrainingStopped) as stopped:
+    train.train_and_evaluate(config, workdir)
+  assert (stopped.value.signal_name, stopped.value.step) == ("SIGTERM", 3)
+  assert len(calls) == 1 + 6  # the call was aborted at once, with no further check
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+  assert not os.path.exists(os.path.join(workdir, "samples"))  # no grid of step 3
+  monkeypatch.undo()
+  train.train_and_evaluate(config, workdir)  # resumes at step 3
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  grids = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert grids == ["step_0000006_dpm_solver++_20steps.npz", "step_0000006_dpm_solver++_20steps.png"]
 
 
 def test_a_pending_stop_dispatches_nothing_even_without_progress(setup):
@@ -204,7 +224,7 @@ import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import TINY_OVERRIDES
 from configs import shapes
-from diffusion_jax.experiment import generate
+from diffusion_jax.experiment import generate, train
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.runtime import interrupts
 from diffusion_jax.runtime.errors import SamplingStopped

@@ -22,7 +22,7 @@ from diffusion_jax.experiment import generate, settings, studies
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
 from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
-from diffusion_jax.runtime.errors import TrainingStopped
+from diffusion_jax.runtime.errors import SamplingStopped, TrainingStopped
 from diffusion_jax.runtime.metric_writer import MetricWriter
 
 
@@ -141,14 +141,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _log(step, last, members, writers, stores[0], study)
         progress.set_postfix(loss=f"{np.mean([v['loss'] for v in last]):.4f}", refresh=False)
       if save_now:
-        for i, (member, store) in enumerate(zip(members, stores, strict=True)):
-          member_state = _take_seed(state, i) if num_seeds else state
-          store.save(
-            step, flax.serialization.to_state_dict(member_state), _meta(member.config, step)
-          )
+        _save(step, state, members, stores, num_seeds)
         _plot_metrics(workdir, members, study)
       if (sample_now or is_last) and train_config.num_grid_samples > 0:
-        grids.write(step, state.ema_params)
+        stopped_by = grids.write(step, state.ema_params, stop)
+        if stopped_by and not save_now:
+          _save(step, state, members, stores, num_seeds)
       if stopped_by:
         break
   if stopped_by:
@@ -241,25 +239,37 @@ class _GridWriter:
     self.run, self.members, self.num_seeds, self.progress = run, members, num_seeds, progress
     self.sample_fn = None
 
-  def write(self, step: int, ema_params: Any) -> None:
+  def write(self, step: int, ema_params: Any, stop: interrupts.StopRequest) -> str | None:
+    """Writes each member's grid of `step`. With one process, SIGTERM or SIGINT stops the
+    sampling within a network call (a second one exits at once): returns the signal's name,
+    else None. With several, a signal waits for the loop's next agreed stop."""
     run = self.run
     options, _ = run.grid_sampler()
-    self.sample_fn = self.sample_fn or run.sample_fn(**options)
+    bar = generate.SampleProgress(show=run.train.progress, leave=False)
+    self.sample_fn = self.sample_fn or run.sample_fn(progress=bar, **options)
     prompts, condition, count = run.grid_prompts(run.train.num_grid_samples)
+    single = jax.process_count() == 1
     for i, member in enumerate(self.members):
-      _say(self.progress, f"sampling {count} images at step {step}")
       params = _take_seed(ema_params, i) if self.num_seeds else ema_params
-      samples = generate.generate(
-        self.sample_fn,
-        params,
-        rng.stream_key(member.seed, rng.SAMPLE),
-        count,
-        run.sample.batch_size,
-        condition,
-      )
+      key = rng.stream_key(member.seed, rng.SAMPLE)
+      try:
+        with interrupts.stop_sampling_on_signals(stop) if single else contextlib.nullcontext():
+          samples = generate.generate(
+            self.sample_fn, params, key, count, run.sample.batch_size, condition
+          )
+      except SamplingStopped as e:
+        _say(self.progress, f"{e.signal_name}: the grid of step {step} is skipped")
+        return e.signal_name
       name = grid_name(step, run.config)
       png, _ = generate.write_samples(member.workdir, name, samples, prompts=prompts)
       _say(self.progress, f"wrote {png}")
+    return None
+
+
+def _save(step: int, state, members: list[_Member], stores, num_seeds: int | None) -> None:
+  for i, (member, store) in enumerate(zip(members, stores, strict=True)):
+    member_state = _take_seed(state, i) if num_seeds else state
+    store.save(step, flax.serialization.to_state_dict(member_state), _meta(member.config, step))
 
 
 def grid_name(step: int, config: ml_collections.ConfigDict) -> str:
