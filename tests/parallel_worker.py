@@ -32,11 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import shapes  # noqa: E402
 from diffusion_jax import data  # noqa: E402
 from diffusion_jax.core import rng  # noqa: E402
-from diffusion_jax.experiment import (
-  generate,  # noqa: E402
-)
-from diffusion_jax.experiment import run as run_lib
-from diffusion_jax.experiment import train_step as step_lib
+from diffusion_jax.experiment import generate  # noqa: E402
+from diffusion_jax.experiment import run as run_lib  # noqa: E402
+from diffusion_jax.experiment import train_step as step_lib  # noqa: E402
 from diffusion_jax.runtime import parallel  # noqa: E402
 
 

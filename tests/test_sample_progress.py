@@ -223,20 +223,13 @@ import io, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import TINY_OVERRIDES
-from configs import shapes
-from diffusion_jax.experiment import generate, train
+from parallel_worker import make_config
+from diffusion_jax.experiment import generate
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.runtime import interrupts
 from diffusion_jax.runtime.errors import SamplingStopped
 
-config = shapes.get_config()
-for name, value in TINY_OVERRIDES.items():
-  section, _, field = name.rpartition(".")
-  target = config
-  for part in filter(None, section.split(".")):
-    target = target[part]
-  target[field] = value
-run = run_lib.make_run(config)
+run = run_lib.make_run(make_config(TINY_OVERRIDES))
 assert run.mesh.size == 4
 params = run.init_state(jax.random.key(0)).params
 stream = io.StringIO()

@@ -32,7 +32,7 @@ class CheckpointStore:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=options,
-      item_names=("state", "meta"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -73,17 +73,35 @@ class CheckpointStore:
     Returns:
       (state, meta).
     """
-    try:
-      restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
-      )
-    except Exception:
-      _quiet_closed_loop_reports()
-      raise
+    _quiet_closed_loop_reports()
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
     return restored["state"], dict(restored["meta"])
+
+  def mismatch(self, step: int, abstract_state: Any) -> str | None:
+    """How the arrays saved at `step` differ from `abstract_state` (a missing, extra or
+    differently shaped array), read from the checkpoint's metadata alone; None when they fit or
+    the metadata cannot be read (a damaged checkpoint: restoring it tells)."""
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 - unreadable metadata: left to restore
+      return None
+    saved = getattr(saved, "tree", saved)
+    if saved is None:
+      return None
+    have, want = _shapes(saved), _shapes(abstract_state)
+    for path, shape in want.items():
+      if path not in have:
+        return f"{path} is not in the checkpoint"
+      if tuple(have[path]) != tuple(shape):
+        return f"{path} has shape {tuple(shape)} here, {tuple(have[path])} in the checkpoint"
+    for path in have.keys() - want.keys():
+      return f"the checkpoint holds {path}, which this network has not"
+    return None
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Restores the newest readable checkpoint, falling back to older ones with a warning.
@@ -114,9 +132,9 @@ def abstract_like(tree: Any) -> Any:
 
 
 def _quiet_closed_loop_reports() -> None:
-  """After a failed restore, the reads Orbax still had in flight finish into its closed event
-  loop and each prints a traceback ("Event loop is closed") from a background thread; the
-  failure itself is reported by the caller. Drops those reports, and passes on any other."""
+  """When a restore fails, the reads Orbax still has in flight finish into its closed event loop
+  and each prints a traceback ("Event loop is closed") from a background thread, some before the
+  failure reaches the caller, who reports it. Drops those reports, and passes on any other."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_closed_loop", False):
     return
@@ -132,6 +150,18 @@ def _quiet_closed_loop_reports() -> None:
 
 class IncompatibleCheckpoint(ValueError):
   """A readable checkpoint whose arrays do not fit the state asked for: another network."""
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{"params/conv_in/kernel": shape, ...} of a pytree of arrays or array metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {
+    "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): (
+      x.shape
+    )
+    for path, x in leaves
+    if hasattr(x, "shape")
+  }
 
 
 def _is_incompatible(error: Exception) -> bool:
@@ -173,20 +203,25 @@ def restore_latest_common(
     )
   for step in sorted(set.intersection(*steps), reverse=True):
     try:
-      restored = [store.restore(step, abstract_state) for store in stores]
+      # Checked first from the metadata: a restore that fails part-way leaves Orbax's reads
+      # reporting errors from background threads.
+      detail = stores[0].mismatch(step, abstract_state)
+      if detail is None:
+        restored = [store.restore(step, abstract_state) for store in stores]
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
-      if _is_incompatible(e):
-        detail = str(e).strip().splitlines()[0][:300]
-        raise IncompatibleCheckpoint(
-          f"the checkpoint at step {step} in {stores[0].directory} does not fit this config's "
-          f"network ({detail}); sample or resume with the run's own config (--workdir alone "
-          "uses its config.json), or train this config in a new --workdir"
-        ) from None
-      first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      logging.warning(
-        "checkpoint at step %d is damaged (%s); trying an older one", step, first_line
+      if not _is_incompatible(e):
+        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        logging.warning(
+          "checkpoint at step %d is damaged (%s); trying an older one", step, first_line
+        )
+        continue
+      detail = str(e).strip().splitlines()[0][:300]
+    if detail is not None:
+      raise IncompatibleCheckpoint(
+        f"the checkpoint at step {step} in {stores[0].directory} does not fit this config's "
+        f"network ({detail}); sample or resume with the run's own config (--workdir alone "
+        "uses its config.json), or train this config in a new --workdir"
       )
-      continue
     return step, [state for state, _ in restored], [meta for _, meta in restored]
   where = stores[0].directory if len(stores) == 1 else f"{len(stores)} runs"
   raise RuntimeError(
