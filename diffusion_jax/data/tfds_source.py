@@ -1,9 +1,7 @@
 """Any TensorFlow Datasets image data set as a random-access source.
 
 Reading goes through `tfds.data_source` semantics (array_record files, decoded with NumPy), which
-needs no TensorFlow. Preparing a data set the first time (download + conversion) does need it, and
-an internet connection or the official archive in `data.manual_dir`; when that cannot happen the
-user gets one line saying what to do.
+needs no TensorFlow. Preparing a data set the first time is `tfds_prepare.prepare`.
 """
 
 from __future__ import annotations
@@ -14,40 +12,12 @@ import numpy as np
 from PIL import Image
 
 from diffusion_jax.data.folder import resize_and_center_crop
+from diffusion_jax.data.tfds_prepare import one_line, prepare
 from diffusion_jax.runtime.errors import ConfigError
 
 VALID_DATASETS_HINT = (
   'valid values are a tfds image data set name (e.g. "cifar10", "mnist"), "folder" or "shapes"'
 )
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-  """The exception's type and the first line of its message, shortened."""
-  text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  text = text if len(text) <= limit else text[: limit - 3] + "..."
-  return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _needs_tensorflow(exc: BaseException) -> bool:
-  """True when `exc` (or its cause chain) is a failed import of TensorFlow."""
-  while exc is not None:
-    if isinstance(exc, ImportError) and "tensorflow" in str(exc).lower():
-      return True
-    exc = exc.__cause__ or exc.__context__
-  return False
-
-
-def _prepare_failed_message(name: str, where: str, exc: BaseException) -> str:
-  if _needs_tensorflow(exc):
-    reason = "preparing it needs TensorFlow, which is not installed"
-  else:
-    reason = f"preparing it failed ({_one_line(exc)})"
-  return (
-    f"data.dataset={name!r} is not prepared in {where} and {reason}: prepare it once on a machine "
-    f"with internet (`pip install tensorflow`, then run again), or put the official archive in a "
-    f"directory and pass --config.data.manual_dir=DIR, or set --config.data.data_dir to where it "
-    f"is already prepared (array_record format)."
-  )
 
 
 class TfdsSource:
@@ -95,7 +65,7 @@ class TfdsSource:
       raise ConfigError(f"data.dataset={name!r} is unknown: {VALID_DATASETS_HINT}.") from None
     except Exception as exc:  # Bad version or config strings surface as several error types.
       raise ConfigError(
-        f"data.dataset={name!r} could not be opened ({_one_line(exc)}): {VALID_DATASETS_HINT}."
+        f"data.dataset={name!r} could not be opened ({one_line(exc)}): {VALID_DATASETS_HINT}."
       ) from None
 
     features = builder.info.features
@@ -114,24 +84,17 @@ class TfdsSource:
       self.class_names = [name]
 
     if not builder.is_prepared():
-      download_config = tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None
-      )
-      try:
-        # array_record is the format that supports random access (tfds' default is tfrecord).
-        builder.download_and_prepare(download_config=download_config, file_format="array_record")
-      except Exception as exc:  # Any failure here has the same fix for the user.
-        raise ConfigError(_prepare_failed_message(name, str(builder.data_dir), exc)) from None
+      prepare(builder, name, manual_dir)
     try:
       self._source = builder.as_data_source(split=split)
     except (ValueError, KeyError) as exc:
       if "split" in str(exc).lower():
         raise ConfigError(
-          f"data.split={split!r} is not a split of {name!r} ({_one_line(exc)}): use one of "
+          f"data.split={split!r} is not a split of {name!r} ({one_line(exc)}): use one of "
           f"{sorted(builder.info.splits)}."
         ) from None
       raise ConfigError(
-        f"data.dataset={name!r} at {builder.data_dir} cannot be read ({_one_line(exc)}): "
+        f"data.dataset={name!r} at {builder.data_dir} cannot be read ({one_line(exc)}): "
         f"prepare it with file_format='array_record' or set --config.data.data_dir elsewhere."
       ) from None
     except NotImplementedError:

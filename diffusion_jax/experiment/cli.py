@@ -149,9 +149,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def quiet_logs() -> None:
-  """Drops messages that say nothing to the user: Orbax's per-save INFO lines, and JAX's note
-  that it found no TPU on a machine without one."""
-  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  """Drops messages that say nothing to the user: Orbax's per-save INFO lines, JAX's note that
+  it found no TPU on a machine without one, and tfds' advice to install OpenCV (PIL decodes)."""
+  logging.get_absl_handler().addFilter(
+    lambda record: "orbax" not in record.pathname and "OpenCV is not" not in record.getMessage()
+  )
   std_logging.getLogger("jax._src.xla_bridge").addFilter(
     lambda record: "Unable to initialize backend" not in record.getMessage()
   )
