@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  model.name = "unet"
+  model.name = "unet"  # "unet", or "autoencoder" (the network of the `autoencoder` section).
   model.channels = 128  # Base width; level i has channels * channel_mult[i].
   model.channel_mult = (1, 2, 2, 2)  # One entry per resolution level.
   model.num_res_blocks = 2  # ResBlocks per level (the up path has one more).
@@ -92,6 +92,22 @@ def get_config() -> ml_collections.ConfigDict:
   text.num_layers = 2
   text.num_heads = 4
   text.max_length = 16  # Tokens per prompt (a start token + words + padding).
+
+  # ---------------------------------------------------------------- autoencoder
+  # The KL autoencoder of latent diffusion (LDM, Stable Diffusion's VAE), trained by a run with
+  # model.name="autoencoder". The defaults are Stable Diffusion's network: f = 8, 4 latent channels.
+  config.autoencoder = autoencoder = ml_collections.ConfigDict()
+  autoencoder.channels = 128  # Base width; level i has channels * channel_mult[i].
+  # One entry per resolution level; the latents are f = 2 ** (levels - 1) times smaller per side.
+  autoencoder.channel_mult = (1, 2, 4, 4)
+  autoencoder.num_res_blocks = 2  # ResBlocks per encoder level (the decoder has one more).
+  autoencoder.z_channels = 4  # Latent channels.
+  autoencoder.attn_resolutions = ()  # Feature-map sizes with self-attention (the middle has one).
+  autoencoder.num_groups = 32  # GroupNorm groups.
+  # Loss per image: the reconstruction error summed over pixels ("l1" or "l2") plus kl_weight
+  # times the KL of the posterior to N(0, I) (LDM's β).
+  autoencoder.reconstruction = "l1"
+  autoencoder.kl_weight = 1e-6
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

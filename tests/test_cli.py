@@ -137,6 +137,16 @@ ERROR_CASES = {
     {},
     ["cannot write", "Not a directory", "checkpoints already written are kept"],
   ),
+  "autoencoder_has_no_sample_mode": (
+    ["--config=shapes_autoencoder", "--mode=sample"],
+    {},
+    ["an autoencoder run has no --mode=sample", "--mode=eval"],
+  ),
+  "autoencoder_image_size_not_a_multiple_of_f": (
+    ["--config=shapes_autoencoder", "--config.data.image_size=60"],
+    {},
+    ["data.image_size", "image size 60", "downsampling factor 8"],
+  ),
   "no_config_and_no_saved_run": (
     [],
     {},

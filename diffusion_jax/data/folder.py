@@ -4,6 +4,10 @@ Layout: `ROOT/<class>/**/<image>` gives one class per sub-folder (sorted names, 
 depend on the file system), and images directly in `ROOT` form one more class named ".". The tree
 is listed once, at construction, where files PIL cannot open are skipped with a warning; images
 are decoded on access.
+
+A folder may caption its images (a metadata.jsonl or metadata.csv, or a .txt beside each image;
+see `captions`): it then trains text-conditional models, and an image without a caption is skipped
+with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
+from diffusion_jax import text
+from diffusion_jax.data import captions as captions_lib
 from diffusion_jax.runtime.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -150,17 +156,25 @@ class FolderSource:
     num_classes: number of classes (sub-folders holding images, plus "." for root images).
     class_names: sorted class names; label i is class_names[i].
     paths: the image paths, in index order (sorted by class, then by relative path).
+    captioned: whether the folder captions its images. Only then does the source have
+      `caption(index, rng)` and `caption_words()`, which `text.make_captioner` and
+      `text.caption_words` use in place of class-name captions.
   """
 
   def __init__(self, path: str, image_size: int):
     """Lists the images and skips, with one warning, the files PIL cannot open.
+
+    In a captioned folder, images without a caption (or with one holding no word) are skipped
+    too, with one warning, and metadata rows naming no image with another; a caption in a
+    metadata file wins over a .txt file beside the image.
 
     Args:
       path: the root directory (the `data.path` field).
       image_size: side of the square images returned, in pixels.
 
     Raises:
-      ConfigError: the path is empty, missing, not a directory or holds no readable images.
+      ConfigError: the path is empty, missing, not a directory or holds no readable images; a
+        captioned folder has a malformed metadata file or no readable image with a caption.
     """
     fix = "set --config.data.path=DIR to a directory of images (class sub-folders give labels)"
     if not path:
@@ -190,6 +204,7 @@ class FolderSource:
     # Skipping depends only on the files' bytes, so every process (and every run) keeps the same
     # images in the same order.
     files = [file for name in sorted(groups) for file in sorted(groups[name])]
+    captions = captions_lib.read_captions(path, files)
     unreadable, fresh = _find_unreadable(path, files)
     problems = [(os.path.relpath(file, path), reason) for file, reason in unreadable.items()]
     readable: dict[str, list[str]] = {}
@@ -211,6 +226,9 @@ class FolderSource:
         _name_some(problems),
       )
 
+    if captions is not None:
+      readable = self._keep_captioned(path, readable, captions, fresh or captions.fresh)
+
     self.class_names = sorted(readable)
     self.num_classes = len(self.class_names)
     self.paths: list[str] = []
@@ -220,6 +238,52 @@ class FolderSource:
       labels.extend([label] * len(readable[name]))
     self._labels = np.asarray(labels, dtype=np.int32)
     self._image_size = int(image_size)
+    self.captioned = captions is not None
+    if self.captioned:
+      self._captions = [captions.texts[file] for file in self.paths]
+      # Set only here: the text module gives class-name captions to sources without them.
+      self.caption = self._caption
+      self.caption_words = self._caption_words
+
+  @staticmethod
+  def _keep_captioned(
+    path: str, readable: dict[str, list[str]], captions: captions_lib.Captions, warn: bool
+  ) -> dict[str, list[str]]:
+    """`readable` without the images that have no caption with a word in it."""
+    problems = []
+    kept: dict[str, list[str]] = {}
+    for name, files in readable.items():
+      for file in files:
+        caption = captions.texts.get(file)
+        if caption is not None and text.split_words(caption):
+          kept.setdefault(name, []).append(file)
+        else:
+          why = "no caption" if caption is None else f"caption {caption!r} has no word"
+          why = "empty caption" if caption == "" else why
+          problems.append((os.path.relpath(file, path), why))
+    if not kept:
+      raise ConfigError(
+        f"data.path={path!r} has captions but none of its {len(problems)} readable images has "
+        f"one: {_name_some(problems)}: {captions_lib.HOW_TO_CAPTION}."
+      )
+    if problems and warn:
+      logging.warning(
+        "data.path=%r: skipped %d images without a caption, so that none trains with an empty "
+        "one: %s.",
+        path,
+        len(problems),
+        _name_some(problems),
+      )
+    return kept
+
+  def _caption(self, index: int, rng: np.random.Generator) -> str:
+    """The caption of image `index` (`rng` is unused: each image has one caption)."""
+    del rng
+    return self._captions[int(index)]
+
+  def _caption_words(self) -> list[str]:
+    """Every word of the captions, lower-cased and split as `text.split_words` does, sorted."""
+    return sorted({word for caption in self._captions for word in text.split_words(caption)})
 
   def __len__(self) -> int:
     return len(self.paths)

@@ -191,6 +191,11 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "eval":
       _evaluate(config, workdir)
+    elif config.model.name == settings.AUTOENCODER:
+      raise ConfigError(
+        "an autoencoder run has no --mode=sample (it draws nothing); --mode=eval reconstructs "
+        "held-out images, and its training grids show reconstructions"
+      )
     elif settings.study_seeds(config) or settings.sample_seeds(config):
       with interrupts.stop_sampling_on_signals():
         written, (_, summary) = sample_mode.sample_study(config, workdir)
@@ -222,8 +227,20 @@ def main(argv: list[str]) -> None:
 def _evaluate(config, workdir: str) -> None:
   import jax
 
-  from diffusion_jax.experiment import eval_mode
+  from diffusion_jax.experiment import autoencoder, eval_mode, run, settings
 
+  if config.model.name == settings.AUTOENCODER:
+    ae_run = run.make_run(config)
+    state = autoencoder.restore(ae_run, workdir)
+    result, path = autoencoder.evaluate(config, workdir, ae_run, state)
+    if jax.process_index() == 0:
+      print(
+        f"reconstructions of {result['num_examples']} images of {result['split']} at step "
+        f"{result['step']}: {path}"
+      )
+      for name in autoencoder.FIGURES:
+        print(f"{name} {result[name]:.4f}")
+    return
   result, path = eval_mode.evaluate(config, workdir)
   if jax.process_index() == 0:
     # The standard error needs two images at least.

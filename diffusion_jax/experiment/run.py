@@ -12,6 +12,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -20,10 +21,11 @@ from absl import logging
 from diffusion_jax import data, text
 from diffusion_jax.core import rng
 from diffusion_jax.core.schedules import Schedule, make_schedule
-from diffusion_jax.experiment import generate, settings
+from diffusion_jax.experiment import autoencoder, generate, settings
 from diffusion_jax.experiment.optim import make_optimizer
 from diffusion_jax.experiment.train_step import TrainState, init_state
 from diffusion_jax.models import condition_kind, fast, make_model
+from diffusion_jax.models.autoencoder import Autoencoder
 from diffusion_jax.runtime import checkpoints, parallel
 from diffusion_jax.runtime.errors import ConfigError
 from diffusion_jax.sampling import guidance
@@ -63,8 +65,17 @@ class Run:
   tokenizer: text.Tokenizer | None = None
   class_names: tuple[str, ...] = ()
 
+  @property
+  def is_autoencoder(self) -> bool:
+    """Whether the run trains the autoencoder of latent diffusion (`experiment/autoencoder.py`)."""
+    return self.config.model.name == settings.AUTOENCODER
+
   def init_state(self, key: jax.Array) -> TrainState:
     """`init_state` for this run's model, optimizer and t sampling."""
+    if self.is_autoencoder:
+      params = autoencoder.init_params(self.model, self.image_shape, key)
+      step = jnp.zeros((), jnp.int32)
+      return TrainState(step, params, params, opt_state=self.tx.init(params))
     importance_sampling = self.diffusion.t_sampling == "importance"
     return init_state(
       self.model,
@@ -186,6 +197,8 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
   config = resolve_auto(config, jax.default_backend())
   mesh = parallel.make_mesh()
   settings.check_config(config, mesh)
+  if config.model.name == settings.AUTOENCODER:
+    autoencoder.check_config(config)
   train = settings.from_section(settings.TrainSettings, config.train, "train")
   diffusion = settings.from_section(settings.DiffusionSettings, config.diffusion, "diffusion")
   sample = settings.from_section(settings.SampleSettings, config.sample, "sample")
@@ -210,7 +223,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
         f"{source.num_classes}"
       )
     if cond_kind == "text":
-      if config.data.random_flip and hasattr(source, "caption"):
+      if config.data.random_flip and config.data.dataset == "shapes":
         logging.warning(
           "data.random_flip=True with captions that name positions: a flipped image keeps the "
           "caption of the unflipped one, so 'left' and 'right' are wrong for half of them; set "
@@ -229,7 +242,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     diffusion=diffusion,
     sample=sample,
     data=data_config,
-    model=make_model(config.model),
+    model=_make_network(config),
     schedule=schedule_from_config(diffusion),
     mesh=mesh,
     tx=make_optimizer(train),
@@ -239,6 +252,12 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     tokenizer=tokenizer,
     class_names=class_names,
   )
+
+
+def _make_network(config: ml_collections.ConfigDict) -> nn.Module:
+  if config.model.name == settings.AUTOENCODER:
+    return Autoencoder(autoencoder.autoencoder_config(config.autoencoder, config.model))
+  return make_model(config.model)
 
 
 def load(workdir: str) -> tuple[Run, TrainState]:

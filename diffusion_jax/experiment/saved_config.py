@@ -26,7 +26,7 @@ SPEED_FIELDS = (
   "model.fast.",
 )
 # What must agree between a config and the run it resumes or samples.
-IDENTITY_SECTIONS = ("model.", "diffusion.")
+IDENTITY_SECTIONS = ("model.", "diffusion.", "autoencoder.")
 # Data fields that say where the data is on this machine, not what it is.
 LOCAL_DATA_FIELDS = ("data_dir", "manual_dir", "read_threads", "prefetch")
 

@@ -41,11 +41,16 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{name}={value!r} must be {kind}: set --config.{name}")
 
 
+# model.name of a run that trains the `autoencoder` section's network.
+AUTOENCODER = "autoencoder"
+
+
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Validates the config before anything is compiled; raises ConfigError (one line)."""
   _check_sizes(config)
   try:
-    check_model_config(config.model, config.data.image_size)
+    if config.model.name != AUTOENCODER:  # An autoencoder is checked by `autoencoder.py`.
+      check_model_config(config.model, config.data.image_size)
     parallel.check_batch_size(config.train.batch_size, mesh)
     parallel.check_batch_size(config.sample.batch_size, mesh, field="sample.batch_size")
     samplers.check_sampler(

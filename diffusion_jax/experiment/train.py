@@ -18,7 +18,7 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.core import rng
-from diffusion_jax.experiment import generate, settings, studies
+from diffusion_jax.experiment import autoencoder, generate, settings, studies
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
 from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
@@ -242,8 +242,18 @@ class _GridWriter:
   def write(self, step: int, ema_params: Any, stop: interrupts.StopRequest) -> str | None:
     """Writes each member's grid of `step`. With one process, SIGTERM or SIGINT stops the
     sampling within a network call (a second one exits at once): returns the signal's name,
-    else None. With several, a signal waits for the loop's next agreed stop."""
+    else None. With several, a signal waits for the loop's next agreed stop. An autoencoder's
+    grid shows held-out images above their reconstructions."""
     run = self.run
+    if run.is_autoencoder:
+      self.sample_fn = self.sample_fn or autoencoder.ReconstructionGrids(
+        run, run.train.num_grid_samples
+      )
+      for i, member in enumerate(self.members):
+        params = _take_seed(ema_params, i) if self.num_seeds else ema_params
+        png = self.sample_fn.write(member.workdir, grid_name(step, run.config), params)
+        _say(self.progress, f"wrote {png}")
+      return None
     options, _ = run.grid_sampler()
     bar = generate.SampleProgress(show=run.train.progress, leave=False)
     self.sample_fn = self.sample_fn or run.sample_fn(progress=bar, **options)
@@ -275,6 +285,8 @@ def _save(step: int, state, members: list[_Member], stores, num_seeds: int | Non
 def grid_name(step: int, config: ml_collections.ConfigDict) -> str:
   """The file name (no extension) of the training-time grid at `step`: it names the sampler."""
   train = config.train
+  if config.model.name == settings.AUTOENCODER:
+    return f"step_{step:07d}_reconstructions"
   _, suffix = settings.grid_sampler(
     train.grid_sampler, train.grid_num_steps, config.diffusion.num_timesteps
   )

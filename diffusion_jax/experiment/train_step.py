@@ -136,6 +136,24 @@ def train_step(
     return jnp.mean(per_example), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, metrics = apply_gradients(state, grads, tx, train_config, param_norm)
+  if state.t_history is not None:
+    t_history = importance.update(state.t_history, terms["t"], terms["loss"])
+    new_state = new_state.replace(t_history=t_history)
+  metrics = {"loss": loss, **metrics}
+  if loss_type != "simple":
+    metrics.update({name: jnp.mean(terms[name]) for name in ("mse", "vlb") if name in terms})
+  return new_state, metrics
+
+
+def apply_gradients(
+  state: TrainState, grads, tx, train_config: TrainSettings, param_norm: bool = True
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer and EMA update of a step from the loss gradients.
+
+  Returns:
+    (the state at step + 1, metrics grad_norm, lr and, with `param_norm`, param_norm).
+  """
   grads, grad_norm = flat_copy_and_norm(grads)
   extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
   updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
@@ -143,25 +161,15 @@ def train_step(
   # EMA with the usual warm-up, min(decay, (1 + s) / (10 + s)), so early samples are usable.
   decay = jnp.minimum(train_config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-  t_history = state.t_history
-  if t_history is not None:
-    t_history = importance.update(t_history, terms["t"], terms["loss"])
-  new_state = TrainState(
-    step=state.step + 1,
-    params=params,
-    ema_params=ema_params,
-    opt_state=opt_state,
-    t_history=t_history,
+  new_state = state.replace(
+    step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
   )
   metrics = {
-    "loss": loss,
     "grad_norm": grad_norm,
     "lr": jnp.asarray(learning_rate_schedule(train_config)(state.step), jnp.float32),
   }
   if param_norm:
     metrics["param_norm"] = global_norm(params)
-  if loss_type != "simple":
-    metrics.update({name: jnp.mean(terms[name]) for name in ("mse", "vlb") if name in terms})
   return new_state, metrics
 
 
@@ -205,6 +213,10 @@ def compile_train_step(run: "Run", num_seeds: int | None = None, steps_per_call:
     num_classes=run.num_classes,
     param_norm=False,
   )
+  if run.is_autoencoder:
+    from diffusion_jax.experiment import autoencoder  # It builds on this module.
+
+    step = autoencoder.make_step(run)
   if num_seeds:
     step = jax.vmap(step) if run.train.seed_batching == "vmap" else _unrolled(step, num_seeds)
   batch_sharding = parallel.batch_sharded(run.mesh, axis=1 if num_seeds else 0)

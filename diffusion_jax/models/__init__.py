@@ -2,6 +2,8 @@
 
 This package never imports ml_collections: `make_model` and `check_model_config` read the section's
 fields by attribute (or key, for a plain dict) and turn them into a frozen `UNetConfig`.
+`Autoencoder` is latent diffusion's KL autoencoder (`autoencoder.py`), built from an
+`AutoencoderConfig`.
 """
 
 from collections.abc import Mapping
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import tree_map
 
+from diffusion_jax.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from diffusion_jax.models.fast import FastPaths
 from diffusion_jax.models.text_encoder import TextEncoder, TextEncoderConfig, text_config_from
 from diffusion_jax.models.unet import (
@@ -26,6 +29,9 @@ from diffusion_jax.models.unet import check_image_size as _check_image_size
 __all__ = [
   "CIFAR10_NUM_PARAMS",
   "CONDITIONING",
+  "Autoencoder",
+  "AutoencoderConfig",
+  "DiagonalGaussian",
   "FastPaths",
   "TextEncoder",
   "TextEncoderConfig",

@@ -217,7 +217,8 @@ class ResBlock(nn.Module):
 
   GroupNorm -> swish -> conv3x3 -> + Dense(swish(temb)) -> GroupNorm -> swish -> dropout ->
   conv3x3 (zero-initialised), added to the input (through a 1x1 NIN projection when the channel
-  count changes).
+  count changes). Without temb (the autoencoder's blocks) the Dense and its `temb_proj`
+  parameters are left out.
 
   Attributes:
     out_channels: output channels; None keeps the input's.
@@ -239,7 +240,7 @@ class ResBlock(nn.Module):
   def __call__(
     self,
     x: jax.Array,
-    temb: jax.Array,
+    temb: jax.Array | None,
     train: bool = False,
     dropout_keys: jax.Array | None = None,
   ) -> jax.Array:
@@ -249,7 +250,8 @@ class ResBlock(nn.Module):
       x: [B, H, W, C_in] activations, or arrays [B, H, W, C_i] that stand for their concatenation
         over channels (the up path's skip connections), which is then never written: GroupNorm
         and the NIN projection read the parts (`group_norm`, `SplitDense`).
-      temb: [B, D] timestep embedding (the output of the U-Net's embedding MLP, before swish).
+      temb: [B, D] timestep embedding (the output of the U-Net's embedding MLP, before swish),
+        or None for a block without one.
       train: enables dropout; then `dropout_keys` or the "dropout" rng stream is required.
       dropout_keys: [B] keys, one per example: example j's mask is drawn from dropout_keys[j]
         and this block's name alone, so it does not depend on the other examples of the batch.
@@ -264,7 +266,8 @@ class ResBlock(nn.Module):
     h = group_norm(self.num_groups, self.dtype, "norm1", "swish", self.fast)(x)
     h = conv3x3(out_channels, self.dtype, "conv1", conv=self.conv)(h)
     # The embedding MLP ends in a linear layer; each block applies the swish itself.
-    h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
+    if temb is not None:
+      h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
     h = group_norm(self.num_groups, self.dtype, "norm2", "swish", self.fast)(h)
     if train and self.dropout > 0 and dropout_keys is not None:
       h = per_example_dropout(h, dropout_keys, self.dropout, "/".join(self.scope.path))

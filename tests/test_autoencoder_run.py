@@ -1,0 +1,119 @@
+"""An autoencoder run (model.name="autoencoder"): its loss, training, resuming, grids and eval."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes_autoencoder
+from diffusion_jax.experiment import autoencoder
+from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment.train import train_and_evaluate
+from diffusion_jax.models.autoencoder import Autoencoder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# 16x16 images, f = 4 (latents 4x4x4), width 8: compiles in seconds.
+TINY = {
+  "data.image_size": 16,
+  "data.num_examples": 64,
+  "autoencoder.channels": 8,
+  "autoencoder.channel_mult": (1, 2, 2),
+  "autoencoder.num_res_blocks": 1,
+  "autoencoder.num_groups": 4,
+  "train.batch_size": 4,
+  "train.num_steps": 4,
+  "train.warmup_steps": 1,
+  "train.cooldown_steps": 0,
+  "train.log_every": 1,
+  "train.checkpoint_every": 2,
+  "train.sample_every": 2,
+  "train.num_grid_samples": 16,
+  "train.progress": False,
+  "eval.num_examples": 12,
+  "eval.batch_size": 8,
+}
+
+
+def tiny_config(**overrides):
+  config = shapes_autoencoder.get_config()
+  for name, value in {**TINY, **overrides}.items():
+    section, field = name.split(".")
+    config[section][field] = value
+  return config
+
+
+def test_the_loss_is_ldm_reconstruction_sum_plus_weighted_kl():
+  config = tiny_config(**{"autoencoder.reconstruction": "l2", "autoencoder.kl_weight": 0.5})
+  run = run_lib.make_run(config)
+  params = jax.jit(run.init_state)(jax.random.key(0)).params
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1)
+  keys = jax.random.split(jax.random.key(2), 3)
+  loss_fn = jax.jit(
+    lambda p, x, k: autoencoder.loss_per_example(run.model, p, x, k, config.autoencoder)
+  )
+  loss, terms = loss_fn(params, x, keys)
+
+  apply = jax.jit(run.model.apply, static_argnames="method")
+  posterior = apply({"params": params}, x, method=Autoencoder.encode)
+  # Each image's latent drawn with its own key, then decoded.
+  noise = jnp.stack([jax.random.normal(k, posterior.mean.shape[1:]) for k in keys])
+  z = posterior.mean + posterior.std * noise
+  out = apply({"params": params}, z, method=Autoencoder.decode)
+  mean, logvar = np.float64(posterior.mean), np.float64(posterior.logvar)
+  kls = 0.5 * np.sum(mean**2 + np.exp(logvar) - 1 - logvar, axis=(1, 2, 3))
+  err = (np.float64(out) - np.float64(x)) ** 2
+  np.testing.assert_allclose(terms["kl"], kls, rtol=1e-4)
+  np.testing.assert_allclose(terms["rec"], err.mean(axis=(1, 2, 3)), rtol=1e-4)
+  np.testing.assert_allclose(loss, err.sum(axis=(1, 2, 3)) + 0.5 * np.array(kls), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fast_compile):
+  """4 steps, then resumed to 6 in the same workdir."""
+  workdir = str(tmp_path_factory.mktemp("autoencoder") / "run")
+  first = train_and_evaluate(tiny_config(), workdir)
+  resumed = train_and_evaluate(tiny_config(**{"train.num_steps": 6}), workdir)
+  return workdir, first, resumed
+
+
+def test_training_logs_its_terms_saves_and_resumes(trained):
+  workdir, first, resumed = trained
+  assert {"loss", "rec", "kl", "grad_norm", "lr", "param_norm"} <= set(first)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [1, 2, 3, 4, 5, 6]  # The resumed run went on from step 4.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1].endswith("6")
+  assert os.path.exists(os.path.join(workdir, "metrics.png"))
+
+
+def test_grids_show_held_out_images_above_their_reconstructions(trained):
+  workdir = trained[0]
+  with np.load(os.path.join(workdir, "samples", "step_0000006_reconstructions.npz")) as f:
+    originals, reconstructions = f["originals"], f["reconstructions"]
+  source = autoencoder.held_out_source(tiny_config())
+  assert originals.shape == reconstructions.shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(originals, np.stack([source[i]["image"] for i in range(8)]))
+  assert reconstructions.dtype == np.uint8
+
+
+def test_eval_reports_psnr_ssim_and_kl(trained, fast_compile_env):
+  workdir = trained[0]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **fast_compile_env}
+  main = [sys.executable, str(ROOT / "main.py"), f"--workdir={workdir}"]
+  evaluated = subprocess.run([*main, "--mode=eval"], env=env, capture_output=True, text=True)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  lines = dict(line.split(" ", 1) for line in evaluated.stdout.splitlines()[1:])
+  assert set(lines) == {"psnr", "ssim", "kl"}
+  with open(os.path.join(workdir, "eval", "reconstruction_0000006.json")) as f:
+    result = json.load(f)
+  assert result["num_examples"] == 12 and result["split"] == "test"
+  for name in autoencoder.FIGURES:
+    assert abs(float(lines[name]) - result[name]) < 1e-3 and np.isfinite(result[name])
+  assert -1 < result["ssim"] < 1 and result["kl"] > 0
