@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,8 +29,9 @@ from diffusion_jax.data.shapes import COLOURS, SHAPES  # noqa: E402
 from diffusion_jax.evaluation import judge  # noqa: E402
 from diffusion_jax.experiment import (
   generate,  # noqa: E402
+  saved_config,  # noqa: E402
 )
-from diffusion_jax.experiment import run as run_lib
+from diffusion_jax.experiment import run as run_lib  # noqa: E402
 from diffusion_jax.runtime import (
   checkpoints,  # noqa: E402
   images,  # noqa: E402
@@ -94,8 +94,10 @@ def agreement_table(verdicts: dict, prompts: list[str]) -> dict[str, dict[str, f
 
 def main(argv):
   del argv
-  config = FLAGS.config
   workdir = FLAGS.workdir
+  # The run's own config.json (a latent run's records its autoencoder and scale), with the
+  # command line's sample fields on top.
+  config = saved_config.reconcile(FLAGS.config, workdir, "sample")
   held_out = [c.strip() for c in config.data.exclude_classes.split(",") if c.strip()]
   prompts = list(FLAGS.prompts) + [text.class_caption(c) for c in held_out]
   run = run_lib.make_run(config)
@@ -109,9 +111,7 @@ def main(argv):
   results, timing = {}, {}
   out_dir = os.path.join(workdir, "eval")
   for scale in map(float, FLAGS.scales):
-    scaled = ml_collections.ConfigDict(config.to_dict())
-    scaled.sample.guidance_scale = scale
-    sample_fn = run_lib.make_run(scaled).sample_fn()
+    sample_fn = run.sample_fn(guidance_scale=scale)
     start = time.time()
     samples = generate.generate(
       sample_fn, state.ema_params, key, n * len(prompts), config.sample.batch_size, condition

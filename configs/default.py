@@ -109,6 +109,20 @@ def get_config() -> ml_collections.ConfigDict:
   autoencoder.reconstruction = "l1"
   autoencoder.kl_weight = 1e-6
 
+  # ---------------------------------------------------------------- latent
+  # Latent diffusion: the diffusion model works on the latents of a trained autoencoder (its
+  # `autoencoder` section is copied from that run) and samples are decoded to pixels. Off while
+  # both of the first two fields are empty.
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder_workdir = ""  # A trained autoencoder run (model.name="autoencoder").
+  # Or an autoencoder config (a name in configs/ or a path) that the same command trains first
+  # into WORKDIR/autoencoder, resuming it like any run.
+  latent.autoencoder_config = ""
+  # x0 = scale_factor * z. 0: estimated once, 1 / the std of the latents of the first
+  # `scale_examples` training images (as LDM), and written into the run's config.json.
+  latent.scale_factor = 0.0
+  latent.scale_examples = 1024
+
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" or "cosine".

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import shapes_autoencoder
-from diffusion_jax.experiment import autoencoder
+from diffusion_jax import data
+from diffusion_jax.experiment import autoencoder, generate
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.experiment.train import train_and_evaluate
 from diffusion_jax.models.autoencoder import Autoencoder
@@ -41,7 +42,8 @@ TINY = {
 }
 
 
-def tiny_config(**overrides):
+def ae_config(**overrides):
+  """The tiny autoencoder run's config with `overrides`."""
   config = shapes_autoencoder.get_config()
   for name, value in {**TINY, **overrides}.items():
     section, field = name.split(".")
@@ -49,11 +51,14 @@ def tiny_config(**overrides):
   return config
 
 
-def test_the_loss_is_ldm_reconstruction_sum_plus_weighted_kl():
-  config = tiny_config(**{"autoencoder.reconstruction": "l2", "autoencoder.kl_weight": 0.5})
+def test_the_loss_is_ldm_reconstruction_sum_plus_weighted_kl(fast_compile):
+  overrides = {"autoencoder.channel_mult": (1, 2), "autoencoder.num_res_blocks": 0}
+  config = ae_config(
+    **overrides, **{"autoencoder.reconstruction": "l2", "autoencoder.kl_weight": 0.5}
+  )
   run = run_lib.make_run(config)
   params = jax.jit(run.init_state)(jax.random.key(0)).params
-  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1)
+  x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
   keys = jax.random.split(jax.random.key(2), 3)
   loss_fn = jax.jit(
     lambda p, x, k: autoencoder.loss_per_example(run.model, p, x, k, config.autoencoder)
@@ -78,8 +83,8 @@ def test_the_loss_is_ldm_reconstruction_sum_plus_weighted_kl():
 def trained(tmp_path_factory, fast_compile):
   """4 steps, then resumed to 6 in the same workdir."""
   workdir = str(tmp_path_factory.mktemp("autoencoder") / "run")
-  first = train_and_evaluate(tiny_config(), workdir)
-  resumed = train_and_evaluate(tiny_config(**{"train.num_steps": 6}), workdir)
+  first = train_and_evaluate(ae_config(), workdir)
+  resumed = train_and_evaluate(ae_config(**{"train.num_steps": 6}), workdir)
   return workdir, first, resumed
 
 
@@ -97,7 +102,7 @@ def test_grids_show_held_out_images_above_their_reconstructions(trained):
   workdir = trained[0]
   with np.load(os.path.join(workdir, "samples", "step_0000006_reconstructions.npz")) as f:
     originals, reconstructions = f["originals"], f["reconstructions"]
-  source = autoencoder.held_out_source(tiny_config())
+  source = autoencoder.held_out_source(ae_config())
   assert originals.shape == reconstructions.shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(originals, np.stack([source[i]["image"] for i in range(8)]))
   assert reconstructions.dtype == np.uint8
@@ -117,3 +122,66 @@ def test_eval_reports_psnr_ssim_and_kl(trained, fast_compile_env):
   for name in autoencoder.FIGURES:
     assert abs(float(lines[name]) - result[name]) < 1e-3 and np.isfinite(result[name])
   assert -1 < result["ssim"] < 1 and result["kl"] > 0
+
+
+# ---------------------------------------------------------------- latent diffusion on its latents
+
+
+@pytest.fixture(scope="module")
+def latent_run(trained, tiny_config, tmp_path_factory):  # conftest's tiny diffusion setup
+  """A 3-step latent diffusion run on the trained autoencoder's 4x4x4 latents."""
+  ae_workdir = trained[0]
+  config = tiny_config(
+    {
+      "data.image_size": 16,
+      "data.num_examples": 256,
+      "model.out_channels": 4,
+      "train.num_steps": 3,
+      "latent.autoencoder_workdir": ae_workdir,
+      "latent.scale_examples": 64,
+    }
+  )
+  workdir = str(tmp_path_factory.mktemp("latent") / "run")
+  metrics = train_and_evaluate(config, workdir)
+  return workdir, metrics
+
+
+def test_a_latent_run_adopts_its_autoencoder_and_records_the_scale(latent_run, trained):
+  workdir, metrics = latent_run
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["latent"]["scale_factor"] > 0 and np.isfinite(metrics["loss"])
+  ae = ae_config().autoencoder
+  assert saved["autoencoder"]["channel_mult"] == list(ae.channel_mult)
+  assert saved["autoencoder"]["channels"] == ae.channels == 8  # the run's, not the default's
+
+
+def test_the_scale_factor_makes_training_latents_unit_variance(latent_run):
+  r, _ = run_lib.load(latent_run[0])
+  source = data.make_source(r.data)
+  # Training images the estimate did not see (it read the first 64).
+  images = np.stack([source[i]["image"] for i in range(64, 256)])
+  z = r.latent.encode(images, jax.random.key(7))
+  assert r.latent.scale_factor == pytest.approx(
+    json.load(open(f"{latent_run[0]}/config.json"))["latent"]["scale_factor"]
+  )
+  assert abs(float(np.std(np.asarray(z, np.float64))) - 1.0) < 0.05
+
+
+def test_latent_samples_are_decoded_to_pixels(latent_run):
+  r, state = run_lib.load(latent_run[0])
+  assert r.image_shape == (4, 4, 4)
+  fn = r.sample_fn(sampler="ddim", num_steps=3)
+  images = generate.generate(fn, state.ema_params, jax.random.key(0), 4, 4)
+  assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+  latents = generate.generate(
+    r.sample_fn(sampler="ddim", num_steps=3, to_uint8=False),
+    state.ema_params,
+    jax.random.key(0),
+    4,
+    4,
+  )
+  np.testing.assert_array_equal(images, np.asarray(r.latent.decode(latents)))
+  grids = sorted(f for f in os.listdir(os.path.join(latent_run[0], "samples")) if f.endswith("npz"))
+  with np.load(os.path.join(latent_run[0], "samples", grids[-1])) as f:
+    assert f["samples"].shape[1:] == (16, 16, 3)

@@ -387,7 +387,7 @@ def test_auto_settings_resolve_once_per_backend(tiny_config, backend, expected):
 
 def test_a_run_holds_no_auto_setting(tiny_config):
   run = run_lib.make_run(tiny_config())
-  assert "auto" not in json.dumps(run.config.to_dict())
+  assert '"auto"' not in json.dumps(run.config.to_dict())
   assert run.model.config.fast == models.make_model(run.config.model).config.fast
   with pytest.raises(ValueError, match="model.fast.skips_in_parts='maybe' must be true, false"):
     models.make_model({**TINY, "fast": {"skips_in_parts": "maybe"}})

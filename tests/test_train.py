@@ -106,7 +106,7 @@ def test_train_writes_config_metrics_checkpoints_and_grids(reference):
   with open(os.path.join(workdir, "config.json")) as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(resolved.to_dict()))
-  assert "auto" not in json.dumps(written)
+  assert '"auto"' not in json.dumps(written)
   # The loss-curve picture, redrawn at each checkpoint.
   with Image.open(os.path.join(workdir, "metrics.png")) as picture:
     assert picture.format == "PNG" and picture.size == (1000, 700)

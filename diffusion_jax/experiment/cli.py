@@ -229,6 +229,13 @@ def _evaluate(config, workdir: str) -> None:
 
   from diffusion_jax.experiment import autoencoder, eval_mode, run, settings
 
+  if settings.is_latent(config):
+    from diffusion_jax.runtime.errors import ConfigError
+
+    raise ConfigError(
+      "--mode=eval of a latent diffusion run is not available yet; evaluate its autoencoder "
+      f"with --workdir={config.latent.autoencoder_workdir} --mode=eval"
+    )
   if config.model.name == settings.AUTOENCODER:
     ae_run = run.make_run(config)
     state = autoencoder.restore(ae_run, workdir)

@@ -21,7 +21,7 @@ from absl import logging
 from diffusion_jax import data, text
 from diffusion_jax.core import rng
 from diffusion_jax.core.schedules import Schedule, make_schedule
-from diffusion_jax.experiment import autoencoder, generate, settings
+from diffusion_jax.experiment import autoencoder, generate, latent, settings
 from diffusion_jax.experiment.optim import make_optimizer
 from diffusion_jax.experiment.train_step import TrainState, init_state
 from diffusion_jax.models import condition_kind, fast, make_model
@@ -64,6 +64,8 @@ class Run:
   num_classes: int = 0
   tokenizer: text.Tokenizer | None = None
   class_names: tuple[str, ...] = ()
+  # A latent run's frozen autoencoder (`latent.LatentSpace`); None in pixel space.
+  latent: Any = None
 
   @property
   def is_autoencoder(self) -> bool:
@@ -142,14 +144,19 @@ class Run:
       num_classes=self.num_classes,
       microbatch=self.config.model.microbatch,
     )
-    return generate.make_sample_fn(
+    options = {**kwargs, **options}
+    to_uint8 = options.pop("to_uint8", True)
+    fn = generate.make_sample_fn(
       self.model,
       self.schedule,
       self.image_shape,
       sample.batch_size,
       self.mesh,
-      **{**kwargs, **options},
+      to_uint8=to_uint8 and self.latent is None,
+      **options,
     )
+    # A latent run's samples are decoded to pixels (to_uint8=False: the latents themselves).
+    return self.latent.decoding(fn) if self.latent is not None and to_uint8 else fn
 
   def grid_sampler(self) -> tuple[dict, str]:
     """(sampler options, file-name suffix) of the training-time preview grids."""
@@ -196,6 +203,9 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
       )
   config = resolve_auto(config, jax.default_backend())
   mesh = parallel.make_mesh()
+  space = None
+  if settings.is_latent(config):
+    config, space = latent.latent_space(config, mesh)
   settings.check_config(config, mesh)
   if config.model.name == settings.AUTOENCODER:
     autoencoder.check_config(config)
@@ -203,7 +213,8 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
   diffusion = settings.from_section(settings.DiffusionSettings, config.diffusion, "diffusion")
   sample = settings.from_section(settings.SampleSettings, config.sample, "sample")
   data_config = settings.from_section(data.DataConfig, config.data, "data")
-  image_size = config.data.image_size
+  image_size = settings.network_image_size(config)
+  channels = config.autoencoder.z_channels if space else 3
   cond_kind = condition_kind(config.model)
   if train.steps_per_call > 1 and jax.default_backend() == "cpu":
     logging.warning(
@@ -246,11 +257,12 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     schedule=schedule_from_config(diffusion),
     mesh=mesh,
     tx=make_optimizer(train),
-    image_shape=(image_size, image_size, 3),
+    image_shape=(image_size, image_size, channels),
     cond_kind=cond_kind,
     num_classes=int(config.model.num_classes),
     tokenizer=tokenizer,
     class_names=class_names,
+    latent=space,
   )
 
 

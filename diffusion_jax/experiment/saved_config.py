@@ -6,6 +6,7 @@ one-line error, not a checkpoint that fails to load.
 --config is omitted and the workdir has a config.json).
 """
 
+import copy
 import json
 import os
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from configs import default
+from diffusion_jax.experiment import settings
 from diffusion_jax.runtime.errors import ConfigError
 
 # Fields that choose how the network computes, not what it is: a run may change them.
@@ -90,9 +92,11 @@ def differences(config: ml_collections.ConfigDict, saved: ml_collections.ConfigD
   """'field=given (the run: saved)' for every model or diffusion field that differs, speed
   fields aside."""
   given, theirs = _flat(config), _flat(saved)
+  # A latent run's autoencoder section is its autoencoder run's, copied when it started.
+  skip = ("autoencoder.",) if settings.is_latent(saved) else ()
   out = []
   for name in sorted(set(given) | set(theirs)):
-    if not name.startswith(IDENTITY_SECTIONS) or name.startswith(SPEED_FIELDS):
+    if not name.startswith(IDENTITY_SECTIONS) or name.startswith(SPEED_FIELDS + skip):
       continue
     if given.get(name) != theirs.get(name):
       out.append(f"{name}={given.get(name)!r} (the run: {theirs.get(name)!r})")
@@ -121,6 +125,10 @@ def reconcile(config: ml_collections.ConfigDict, workdir: str, mode: str):
       "the run's config.json is used)"
     )
   if mode == "train":
+    if settings.is_latent(saved):  # The autoencoder and scale the run started with.
+      config = copy.deepcopy(config)
+      config.latent.autoencoder_workdir = saved.latent.autoencoder_workdir
+      config.latent.scale_factor = config.latent.scale_factor or saved.latent.scale_factor
     return config
   result = saved
   with result.unlocked():

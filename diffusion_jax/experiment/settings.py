@@ -45,12 +45,36 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
 AUTOENCODER = "autoencoder"
 
 
+def is_latent(config: ml_collections.ConfigDict) -> bool:
+  """Whether the diffusion model works on an autoencoder's latents (`experiment/latent.py`)."""
+  section = config.get("latent")
+  return bool(section and (section.autoencoder_workdir or section.autoencoder_config))
+
+
+def network_image_size(config: ml_collections.ConfigDict) -> int:
+  """The side of what the diffusion model sees: data.image_size, or for a latent run the
+  latents' data.image_size / f.
+
+  Raises:
+    ConfigError: f does not divide data.image_size.
+  """
+  size = int(config.data.image_size)
+  if not is_latent(config):
+    return size
+  f = 2 ** (len(config.autoencoder.channel_mult) - 1)
+  if size % f:
+    raise ConfigError(
+      f"data.image_size={size} is not a multiple of the autoencoder's downsampling factor {f}"
+    )
+  return size // f
+
+
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Validates the config before anything is compiled; raises ConfigError (one line)."""
   _check_sizes(config)
   try:
     if config.model.name != AUTOENCODER:  # An autoencoder is checked by `autoencoder.py`.
-      check_model_config(config.model, config.data.image_size)
+      check_model_config(config.model, network_image_size(config))
     parallel.check_batch_size(config.train.batch_size, mesh)
     parallel.check_batch_size(config.sample.batch_size, mesh, field="sample.batch_size")
     samplers.check_sampler(
@@ -88,11 +112,13 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     losses.check_loss(loss_type, config.diffusion.variance)
   except ValueError as e:
     raise ConfigError(f"diffusion.loss={loss_type!r}: {e}") from e
-  channels = diffusion.output_channels(3, config.diffusion.variance)
-  if config.model.out_channels != channels:
+  data_channels = config.autoencoder.z_channels if is_latent(config) else 3
+  channels = diffusion.output_channels(data_channels, config.diffusion.variance)
+  if config.model.name != AUTOENCODER and config.model.out_channels != channels:
+    what = f" and {data_channels} latent channels" if is_latent(config) else ""
     raise ConfigError(
       f"model.out_channels={config.model.out_channels} does not fit "
-      f"diffusion.variance={config.diffusion.variance!r}; set it to {channels}"
+      f"diffusion.variance={config.diffusion.variance!r}{what}; set it to {channels}"
     )
   if config.diffusion.t_sampling not in T_SAMPLING:
     raise ConfigError(

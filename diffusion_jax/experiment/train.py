@@ -2,6 +2,7 @@
 WORKDIR; a single run is one member, a seed study K members trained in one program."""
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.core import rng
-from diffusion_jax.experiment import autoencoder, generate, settings, studies
+from diffusion_jax.experiment import autoencoder, generate, latent, settings, studies
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
 from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
@@ -53,6 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     TrainingStopped: stopped by a signal, after the checkpoint was saved.
     FloatingPointError: a non-finite metric; the checkpoints written before it are kept.
   """
+  if settings.is_latent(config) and not config.latent.autoencoder_workdir:
+    config = _train_first_stage(config, workdir)
   run = make_run(config)
   config, train_config = run.config, run.train  # "auto" settings resolved
   members = _members(config, workdir)
@@ -161,6 +164,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last[0]
 
 
+def _train_first_stage(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (or resumes, or finds finished) the autoencoder of latent.autoencoder_config in
+  WORKDIR/autoencoder; returns `config` pointing latent.autoencoder_workdir there."""
+  ae_workdir = os.path.join(workdir, "autoencoder")
+  ae_config = latent.load_config_file(config.latent.autoencoder_config)
+  logging.info(
+    "first stage: the autoencoder %s in %s", config.latent.autoencoder_config, ae_workdir
+  )
+  train_and_evaluate(ae_config, ae_workdir)
+  config = copy.deepcopy(config)
+  config.latent.autoencoder_workdir = ae_workdir
+  return config
+
+
 def _members(config: ml_collections.ConfigDict, workdir: str) -> list[_Member]:
   seeds = settings.study_seeds(config)
   if seeds is None:
@@ -195,6 +212,8 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
   # What a step feeds the model: the images, and the labels or captions of a conditional model.
   fields = ("image",) + {"class": ("label",), "text": ("tokens",)}.get(run.cond_kind, ())
   k = run.train.steps_per_call
+  if run.latent is not None:
+    return _latent_batches(run, iterators[0], fields, members[0].seed, start_step)
 
   def next_batch(n: int):
     if k > 1:
@@ -205,6 +224,23 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
     batches = [next(it) for it in iterators]
     batch = {f: np.stack([b[f] for b in batches]) if num_seeds else batches[0][f] for f in fields}
     return parallel.put_batch(batch, run.mesh, axis=1 if num_seeds else 0)
+
+  return next_batch
+
+
+def _latent_batches(run: Run, iterator, fields, seed: int, start_step: int):
+  """next_batch(1) of a latent run: the step's images encoded to latents on the devices, image j
+  of step s drawn from its posterior with fold_in(fold_in(LATENT stream, s), j)."""
+  root = rng.stream_key(seed, latent.LATENT)
+  step = start_step
+
+  def next_batch(n: int):
+    nonlocal step
+    row = next(iterator)
+    batch = parallel.put_batch({f: row[f] for f in fields}, run.mesh)
+    batch["latent"] = run.latent.encode(batch.pop("image"), jax.random.fold_in(root, step))
+    step += 1
+    return batch
 
   return next_batch
 

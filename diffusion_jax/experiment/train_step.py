@@ -106,7 +106,8 @@ def train_step(
     parameters'), lr, and for the hybrid and vlb losses mse and/or vlb (bits/dim of the sampled
     term).
   """
-  x0 = data.normalize_images(batch["image"])
+  # A latent run's batch holds the scaled latents of its images (`latent.LatentSpace.encode`).
+  x0 = batch["latent"] if "latent" in batch else data.normalize_images(batch["image"])
   step_key = jax.random.fold_in(train_key, state.step)
   # One key per example from its index in the global batch: t, eps and the dropout masks of
   # example j are the same whatever device it lands on, and the same as if the network ran on
