@@ -150,9 +150,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def quiet_logs() -> None:
   """Drops messages that say nothing to the user: Orbax's per-save INFO lines, JAX's note that
-  it found no TPU on a machine without one, and tfds' advice to install OpenCV (PIL decodes)."""
+  it found no TPU on a machine without one, tfds' advice to install OpenCV (PIL decodes) and its
+  note that a data set not yet prepared has no dataset_info.json."""
+  noise = ("OpenCV is not", "has no dataset_info.json")
   logging.get_absl_handler().addFilter(
-    lambda record: "orbax" not in record.pathname and "OpenCV is not" not in record.getMessage()
+    lambda record: (
+      "orbax" not in record.pathname and not any(text in record.getMessage() for text in noise)
+    )
   )
   std_logging.getLogger("jax._src.xla_bridge").addFilter(
     lambda record: "Unable to initialize backend" not in record.getMessage()
