@@ -25,6 +25,7 @@ from diffusion_jax.models.layers import (
   Downsample,
   ResBlock,
   Upsample,
+  check_levels,
   conv3x3,
   dense,
   group_norm,
@@ -91,18 +92,14 @@ class AutoencoderConfig:
         raise ValueError(
           f"AutoencoderConfig.{field}={getattr(self, field)} must be a positive integer."
         )
-    if self.num_res_blocks < 0:
-      raise ValueError(f"AutoencoderConfig.num_res_blocks={self.num_res_blocks} must be >= 0.")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"AutoencoderConfig.dropout={self.dropout} must be in [0, 1).")
-    for level, mult in enumerate(self.channel_mult):
-      width = self.channels * mult
-      if width % self.num_groups:
-        raise ValueError(
-          f"AutoencoderConfig.num_groups={self.num_groups} does not divide {width} = channels * "
-          f"channel_mult[{level}] ({self.channels} * {mult}); choose num_groups dividing every "
-          "level's width."
-        )
+    check_levels(
+      "AutoencoderConfig.",
+      self.channels,
+      self.channel_mult,
+      self.num_res_blocks,
+      self.num_groups,
+      self.dropout,
+    )
 
   @property
   def downsample_factor(self) -> int:

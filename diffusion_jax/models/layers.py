@@ -284,6 +284,28 @@ class ResBlock(nn.Module):
     return residual(x, h, self.fast.hold_branch_gradient)
 
 
+def check_levels(
+  prefix: str, channels: int, channel_mult, num_res_blocks: int, num_groups: int, dropout: float
+) -> None:
+  """Checks the fields a network of ResBlock levels shares (the U-Net's and the autoencoder's).
+
+  Raises:
+    ValueError: one line naming the field (`prefix` + its name) and how to fix it.
+  """
+  if num_res_blocks < 0:
+    raise ValueError(f"{prefix}num_res_blocks={num_res_blocks} must be >= 0.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"{prefix}dropout={dropout} must be in [0, 1).")
+  for level, mult in enumerate(channel_mult):
+    width = channels * mult
+    if width % num_groups:
+      raise ValueError(
+        f"{prefix}num_groups={num_groups} does not divide {width} = {prefix}channels * "
+        f"{prefix}channel_mult[{level}] ({channels} * {mult}); choose {prefix}num_groups "
+        f"dividing every level's width, or change {prefix}channels / {prefix}channel_mult."
+      )
+
+
 # How 3x3 convolutions are computed: `conv3x3`, `UNetConfig.conv`.
 CONV_IMPLS = ("auto", "xla", "winograd", "winograd_large")
 

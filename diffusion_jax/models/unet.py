@@ -162,18 +162,14 @@ def _check_fields(config: UNetConfig) -> None:
     raise ValueError(f"model.conv={config.conv!r} is not one of {layers.CONV_IMPLS}.")
   if config.num_classes < 0:
     raise ValueError(f"model.num_classes={config.num_classes} must be >= 0 (0: unconditional).")
-  if config.num_res_blocks < 0:
-    raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 0.")
-  if not 0.0 <= config.dropout < 1.0:
-    raise ValueError(f"model.dropout={config.dropout} must be in [0, 1).")
-  for level, mult in enumerate(config.channel_mult):
-    width = config.channels * mult
-    if width % config.num_groups:
-      raise ValueError(
-        f"model.num_groups={config.num_groups} does not divide {width} = model.channels * "
-        f"model.channel_mult[{level}] ({config.channels} * {mult}); choose model.num_groups "
-        "dividing every level's width, or change model.channels / model.channel_mult."
-      )
+  layers.check_levels(
+    "model.",
+    config.channels,
+    config.channel_mult,
+    config.num_res_blocks,
+    config.num_groups,
+    config.dropout,
+  )
 
 
 def check_image_size(config: UNetConfig, height: int, width: int | None = None) -> None:
