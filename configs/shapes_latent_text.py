@@ -9,6 +9,10 @@ Stage 1 is `shapes_autoencoder` (64x64 images to 8x8x4 latents). Stage 2 is `sha
 text-conditional U-Net, cross-attention included, on those latents: it sees x0 = scale * z, z drawn
 from each training image's posterior, with the scale estimated once from the data (1 / the std of
 the latents). Samples are decoded to 64x64 pixels.
+
+Expected (benchmarks/results/latent_diffusion.md): the first stage about 9 minutes and the second
+about 21 on 2 cores; at guidance 3 the judge finds the prompted colour in 100% of the samples and
+the prompted shape in 94% (98% for the held-out pairs).
 """
 
 from configs import shapes_autoencoder, shapes_text
