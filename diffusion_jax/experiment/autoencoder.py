@@ -148,8 +148,8 @@ class ReconstructionGrids:
 
   def __init__(self, run, count: int):
     source = held_out_source(run.config)
-    count = max(self.COLUMNS, count // 2 // self.COLUMNS * self.COLUMNS)
-    count = min(count, len(source)) // self.COLUMNS * self.COLUMNS or min(count, len(source))
+    # Half the grid's images are originals: whole rows of them, at least one, at most the split.
+    count = min(max(self.COLUMNS, count // 2 // self.COLUMNS * self.COLUMNS), len(source))
     self.originals = np.stack([source[i]["image"] for i in range(count)])
     self.run = run
     self.fn = None
