@@ -108,6 +108,16 @@ def get_config() -> ml_collections.ConfigDict:
   # times the KL of the posterior to N(0, I) (LDM's β).
   autoencoder.reconstruction = "l1"
   autoencoder.kl_weight = 1e-6
+  # LPIPS (Zhang et al. 2018) added to each pixel's error, times perceptual_weight, when
+  # lpips_weights names the local file that benchmarks/convert_lpips.py writes ("": off).
+  autoencoder.lpips_weights = ""
+  autoencoder.perceptual_weight = 1.0
+  # LDM's PatchGAN discriminator (off at 0; LDM uses 0.5): from step disc_start on, the loss gains
+  # disc_weight times the adaptive weight times the generator's loss (experiment/adversarial.py).
+  autoencoder.disc_weight = 0.0
+  autoencoder.disc_start = 50001
+  autoencoder.disc_channels = 64
+  autoencoder.disc_layers = 3
 
   # ---------------------------------------------------------------- latent
   # Latent diffusion: the diffusion model works on the latents of a trained autoencoder (its
@@ -122,6 +132,10 @@ def get_config() -> ml_collections.ConfigDict:
   # `scale_examples` training images (as LDM), and written into the run's config.json.
   latent.scale_factor = 0.0
   latent.scale_examples = 1024
+  # Encode the training set's posteriors once into WORKDIR/latent_cache (F x the data set's
+  # latents in float32, F = 2 with data.random_flip) and draw each step's latents from there:
+  # the same latents as encoding every batch, without the encoder's cost per step.
+  latent.cache = False
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """An autoencoder run (model.name="autoencoder"): its loss, training, resuming, grids and eval."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -13,7 +14,8 @@ import pytest
 
 from configs import shapes_autoencoder
 from diffusion_jax import data
-from diffusion_jax.experiment import autoencoder, generate
+from diffusion_jax.core import likelihood, rng
+from diffusion_jax.experiment import autoencoder, generate, latent_cache
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.experiment.train import train_and_evaluate
 from diffusion_jax.models.autoencoder import Autoencoder
@@ -63,7 +65,7 @@ def test_the_loss_is_ldm_reconstruction_sum_plus_weighted_kl(fast_compile):
   loss_fn = jax.jit(
     lambda p, x, k: autoencoder.loss_per_example(run.model, p, x, k, config.autoencoder)
   )
-  loss, terms = loss_fn(params, x, keys)
+  loss, terms, _ = loss_fn(params, x, keys)
 
   apply = jax.jit(run.model.apply, static_argnames="method")
   posterior = apply({"params": params}, x, method=Autoencoder.encode)
@@ -127,11 +129,9 @@ def test_eval_reports_psnr_ssim_and_kl(trained, fast_compile_env):
 # ---------------------------------------------------------------- latent diffusion on its latents
 
 
-@pytest.fixture(scope="module")
-def latent_run(trained, tiny_config, tmp_path_factory):  # conftest's tiny diffusion setup
+def latent_config(tiny_config, ae_workdir, **overrides):
   """A 3-step latent diffusion run on the trained autoencoder's 4x4x4 latents."""
-  ae_workdir = trained[0]
-  config = tiny_config(
+  return tiny_config(
     {
       "data.image_size": 16,
       "data.num_examples": 256,
@@ -139,10 +139,16 @@ def latent_run(trained, tiny_config, tmp_path_factory):  # conftest's tiny diffu
       "train.num_steps": 3,
       "latent.autoencoder_workdir": ae_workdir,
       "latent.scale_examples": 64,
+      **overrides,
     }
   )
+
+
+@pytest.fixture(scope="module")
+def latent_run(trained, tiny_config, tmp_path_factory):  # conftest's tiny diffusion setup
+  """A 3-step latent diffusion run, its latents encoded batch by batch."""
   workdir = str(tmp_path_factory.mktemp("latent") / "run")
-  metrics = train_and_evaluate(config, workdir)
+  metrics = train_and_evaluate(latent_config(tiny_config, trained[0]), workdir)
   return workdir, metrics
 
 
@@ -185,3 +191,80 @@ def test_latent_samples_are_decoded_to_pixels(latent_run):
   grids = sorted(f for f in os.listdir(os.path.join(latent_run[0], "samples")) if f.endswith("npz"))
   with np.load(os.path.join(latent_run[0], "samples", grids[-1])) as f:
     assert f["samples"].shape[1:] == (16, 16, 3)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+def test_cached_and_on_the_fly_latents_train_alike(latent_run, trained, tiny_config, tmp_path):
+  # The same run (flips on: both halves of the cache are read) from the encoded training set.
+  config = latent_config(tiny_config, trained[0], **{"latent.cache": True})
+  assert config.data.random_flip
+  train_and_evaluate(config, str(tmp_path))
+  moments = np.load(tmp_path / "latent_cache" / "moments.npy", mmap_mode="r")
+  assert moments.shape == (256, 2, 4, 4, 8)  # [N, flip, h, w, mean | std]
+  np.testing.assert_allclose(_losses(tmp_path), _losses(latent_run[0]), rtol=2e-5)
+  # The cached rows are the encoder's posterior of each image, and of its mirror image.
+  r, _ = run_lib.load(str(tmp_path))
+  cache = latent_cache.load_or_encode(r.config, r.latent, str(tmp_path))
+  source = data.make_source(r.data)
+  images = np.stack([source[i]["image"] for i in (3, 200)])
+  for flipped in (False, True):
+    mean, std = r.latent.moments(images[:, :, ::-1] if flipped else images)
+    got = cache.rows(np.array([3, 200]), np.array([flipped, flipped]))
+    np.testing.assert_allclose(got[0], mean, atol=1e-5)
+    np.testing.assert_allclose(got[1], std, rtol=1e-5)
+
+
+def test_the_latent_cache_is_encoded_again_for_another_autoencoder(latent_run, tmp_path):
+  r, _ = run_lib.load(latent_run[0])
+  first = np.array(latent_cache.load_or_encode(r.config, r.latent, str(tmp_path)).moments)
+  stamp = os.path.getmtime(tmp_path / "latent_cache" / "moments.npy")
+  again = latent_cache.load_or_encode(r.config, r.latent, str(tmp_path))
+  assert os.path.getmtime(tmp_path / "latent_cache" / "moments.npy") == stamp  # read, not encoded
+  np.testing.assert_array_equal(again.moments, first)
+  other = dataclasses.replace(r.latent, params=jax.tree.map(lambda p: p * 1.5, r.latent.params))
+  changed = latent_cache.load_or_encode(r.config, other, str(tmp_path))
+  assert not np.allclose(changed.moments, first)
+  with open(tmp_path / "latent_cache" / "fingerprint.json") as f:
+    assert json.load(f) == latent_cache.fingerprint(r.config, other)
+  assert sorted(os.listdir(tmp_path / "latent_cache")) == ["fingerprint.json", "moments.npy"]
+
+
+def test_latent_eval_bounds_the_latents_and_reports_the_autoencoder(latent_run, capsys):
+  from diffusion_jax.experiment import cli, eval_mode, latent, saved_config
+
+  workdir = latent_run[0]
+  config = saved_config.load(workdir)
+  config.eval.num_examples, config.eval.batch_size = 5, 4
+  cli._evaluate(config, workdir)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("bits/dim on latents ") and "the 4x4x4 latents" in lines[0]
+  assert lines[1].startswith("reconstructions of 5 images of test by the autoencoder at step 6")
+  assert [line.split()[0] for line in lines[2:]] == list(autoencoder.FIGURES)
+  with open(os.path.join(workdir, "eval", "bits_per_dim_0000003.json")) as f:
+    result = json.load(f)
+  with open(os.path.join(workdir, "eval", "reconstruction_0000006.json")) as f:
+    assert json.load(f)["num_examples"] == 5
+  # Directly: image i's latent drawn with fold_in(eval latent key, i), a Gaussian decoder term.
+  r, state = run_lib.load(workdir)
+  source = eval_mode._eval_source(config)
+  images = np.stack([source[i]["image"] for i in range(5)])
+  latent_key = rng.stream_key(config.eval.seed, latent.LATENT)
+  x0 = r.latent.encode(images, jax.random.fold_in(latent_key, latent.EVAL))
+  key = rng.stream_key(config.eval.seed, rng.EVAL)
+  out = likelihood.bits_per_dim(
+    r.schedule,
+    lambda x_t, t: r.model.apply({"params": state.ema_params}, x_t, t, train=False),
+    x0,
+    rng.example_keys(key, jnp.arange(5)),
+    variance=config.diffusion.variance,
+    prediction=config.diffusion.prediction,
+    clip_x0=False,
+    decoder="continuous",
+  )
+  for name in eval_mode.FIGURES:
+    assert result[name] == pytest.approx(float(np.mean(out[name])), rel=1e-5), name
+  assert result["space"] == "latent" and result["latent_shape"] == [4, 4, 4]

@@ -22,3 +22,22 @@ def test_keeps_the_newest_and_the_periodic_ones(tmp_path):
     plain.wait()
   assert plain.all_steps() == [4, 5]
   plain.close()
+
+
+def test_a_state_field_added_since_the_save_restores_as_none(tmp_path):
+  # A checkpoint written before the train state gained a field that is None in this run (e.g.
+  # the autoencoder's discriminator) restores, with the field None.
+  import jax
+
+  store = checkpoints.CheckpointStore(str(tmp_path))
+  store.save(1, {"params": np.arange(3.0), "t_history": None}, {"step": 1})
+  store.wait()
+  abstract = {
+    "params": jax.ShapeDtypeStruct((3,), np.float64),
+    "t_history": None,
+    "discriminator": None,
+  }
+  state, meta = store.restore(1, abstract)
+  store.close()
+  assert state["discriminator"] is None and meta == {"step": 1}
+  np.testing.assert_array_equal(state["params"], np.arange(3.0))

@@ -276,3 +276,32 @@ def test_a_text_conditional_run_reads_captions_or_falls_back_to_class_names(tmp_
   (tmp_path / "kitten" / "1.txt").write_text("a red cat")
   run = run_lib.make_run(tiny_config(overrides))
   assert run.tokenizer.vocabulary[3:] == ["a", "cat", "red"]
+
+
+def test_grids_draw_the_folders_captions_and_long_captions_are_named(tmp_path, tiny_config, caplog):
+  overrides = {
+    "data.dataset": "folder",
+    "data.path": str(tmp_path),
+    "model.cross_attn_resolutions": (8,),
+    "model.text.vocab_size": 32,
+    "model.text.max_length": 5,
+    "data.random_flip": False,
+  }
+  write_image(tmp_path, "1.png", RED)
+  write_image(tmp_path, "2.png", GREEN)
+  write_image(tmp_path, "3.png", BLUE)
+  (tmp_path / "1.txt").write_text("a red cat")
+  (tmp_path / "2.txt").write_text("a green cat sitting on a mat")  # 7 words: 4 fit
+  (tmp_path / "3.txt").write_text("a red cat")
+  run = run_lib.make_run(tiny_config(overrides))
+  assert warnings_of(caplog) == [
+    "1 of 3 captions have more than 4 words (the longest 7); training reads their first 4. "
+    "Raise model.text.max_length (now 5) to keep them whole"
+  ]
+  prompts, condition, count = run.grid_prompts(4)
+  assert prompts == ["a red cat", "a green cat sitting on a mat"]  # distinct, in data order
+  assert count == 4 and condition["tokens"].shape == (4, 5)
+  assert [run.tokenizer.decode(t) for t in condition["tokens"][::2]] == [
+    "a red cat",
+    "a green cat sitting",
+  ]

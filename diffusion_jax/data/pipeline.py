@@ -204,6 +204,8 @@ class _ReadExample:
       "image": example["image"],
       "label": np.int32(example["label"]),
       "index": np.int64(position),
+      "source": np.int64(index),
+      "flipped": np.bool_(False),
     }
     if self._captions is not None:
       out["tokens"] = self._captions(index, out["label"], position)
@@ -212,7 +214,7 @@ class _ReadExample:
 
 def _flip(example: dict, rng: np.random.Generator) -> dict:
   if rng.random() < 0.5:
-    example = {**example, "image": example["image"][:, ::-1]}
+    example = {**example, "image": example["image"][:, ::-1], "flipped": np.bool_(True)}
   return example
 
 
@@ -233,8 +235,9 @@ def example_stream(
 
   Returns:
     A `grain.MapDataset` whose element j (stream position, any int >= 0) is {"image": uint8
-    [S, S, 3], "label": int32 scalar, "index": int64 scalar j} and, with a tokenizer,
-    "tokens" int32 [L].
+    [S, S, 3], "label": int32 scalar, "index": int64 scalar j, "source": int64 scalar (the
+    example's index in `source`), "flipped": bool scalar} and, with a tokenizer, "tokens"
+    int32 [L].
   """
   if len(source) < 1:
     raise ConfigError("data.dataset has no examples: check data.path and data.split.")
@@ -255,6 +258,8 @@ def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     "image": np.stack([ex["image"] for ex in examples]).astype(np.uint8, copy=False),
     "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32),
     "index": np.asarray([ex["index"] for ex in examples], dtype=np.int64),
+    "source": np.asarray([ex["source"] for ex in examples], dtype=np.int64),
+    "flipped": np.asarray([ex["flipped"] for ex in examples], dtype=bool),
   }
   if "tokens" in examples[0]:
     out["tokens"] = np.stack([ex["tokens"] for ex in examples]).astype(np.int32, copy=False)
@@ -290,7 +295,8 @@ def make_train_iterator(
   Returns:
     An infinite iterator of dicts of NumPy arrays, with b = B / P:
     "image" uint8 [b, S, S, 3] in [0, 255], "label" int32 [b], "index" int64 [b] (the stream
-    positions s * B + p * b + [0, b)) and, with a tokenizer, "tokens" int32 [b, L] (captions).
+    positions s * B + p * b + [0, b)), "source" int64 [b] (indices into the source), "flipped"
+    bool [b] and, with a tokenizer, "tokens" int32 [b, L] (captions).
 
   Raises:
     ConfigError: a bad config field (the message names it).

@@ -9,6 +9,7 @@ the diffusion models' (`train.py`); this module holds what differs.
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -23,7 +24,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import data
 from diffusion_jax.core import rng
 from diffusion_jax.evaluation import reconstruction
-from diffusion_jax.experiment import settings
+from diffusion_jax.experiment import adversarial, perceptual, settings
 from diffusion_jax.experiment.train_step import TrainState, apply_gradients
 from diffusion_jax.models.autoencoder import Autoencoder, AutoencoderConfig
 from diffusion_jax.runtime import checkpoints, images, parallel
@@ -68,6 +69,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   if section.kl_weight < 0:
     raise ConfigError(f"autoencoder.kl_weight={section.kl_weight} must be >= 0")
+  adversarial.check(section, int(config.data.image_size))
+  perceptual.check(section)
+  if perceptual.load(section) is not None and (
+    settings.study_seeds(config) or config.train.steps_per_call > 1
+  ):
+    raise ConfigError(
+      "autoencoder.lpips_weights trains one seed, one step per call: set --config.seeds='' and "
+      "--config.train.steps_per_call=1"
+    )
   try:
     autoencoder_config(section).latent_shape(int(config.data.image_size))
   except ValueError as e:
@@ -78,16 +88,19 @@ def init_params(model: Autoencoder, image_shape, key: jax.Array):
   return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
 
 
-def loss_per_example(model, params, x: jax.Array, keys: jax.Array, section):
+def loss_per_example(model, params, x: jax.Array, keys: jax.Array, section, perceptual=None):
   """(the loss [B], terms): LDM's reconstruction + kl_weight * KL of each image.
 
   Args:
     x: [B, H, W, C] images in [-1, 1].
     keys: [B] keys; image j's latent is drawn from the posterior with keys[j].
-    section: the `autoencoder` settings (reconstruction, kl_weight).
+    section: the `autoencoder` settings (reconstruction, kl_weight, perceptual_weight).
+    perceptual: (x, x̂) -> LPIPS [B], or None; each pixel's error gains perceptual_weight times
+      its image's LPIPS (LDM's weighting).
 
   Returns:
-    loss [B]; terms: "rec" [B] (the mean absolute or squared error per pixel), "kl" [B].
+    loss [B]; terms: "rec" [B] (the mean absolute or squared error per pixel), "kl" [B], with
+    `perceptual` "lpips" [B]; and the reconstructions [B, H, W, C].
   """
   posterior = model.apply({"params": params}, x, method=Autoencoder.encode)
   noise = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:]))(keys)
@@ -97,28 +110,55 @@ def loss_per_example(model, params, x: jax.Array, keys: jax.Array, section):
   error = jnp.abs(diff) if section.reconstruction == "l1" else jnp.square(diff)
   axes = tuple(range(1, x.ndim))
   kl = posterior.kl()
-  loss = jnp.sum(error, axes) + section.kl_weight * kl
-  return loss, {"rec": jnp.mean(error, axes), "kl": kl}
+  terms = {"rec": jnp.mean(error, axes), "kl": kl}
+  rec = jnp.sum(error, axes)
+  if perceptual is not None:
+    terms["lpips"] = perceptual(x, out)
+    rec = rec + section.perceptual_weight * terms["lpips"] * math.prod(x.shape[1:])
+  return rec + section.kl_weight * kl, terms, out
 
 
 def make_step(run):
-  """The pure train step (state, batch, train_key) -> (state, metrics) of an autoencoder run."""
+  """The pure train step (state, batch, train_key[, frozen]) -> (state, metrics) of an
+  autoencoder run, and the frozen inputs it takes as a fourth argument (the LPIPS network's
+  parameters; None without autoencoder.lpips_weights, and then the step takes three)."""
   section = run.config.autoencoder
+  lpips = perceptual.load(section)
+  adversary = adversarial.Adversary(section, run.train) if adversarial.enabled(section) else None
 
-  def step(state: TrainState, batch, train_key):
+  def step(state: TrainState, batch, train_key, frozen=None):
     x = data.normalize_images(batch["image"])
     keys = rng.example_keys(jax.random.fold_in(train_key, state.step), jnp.arange(x.shape[0]))
+    distance = None if lpips is None else (lambda a, b: lpips.model.apply(frozen, a, b))
 
     def loss_fn(params):
-      loss, terms = loss_per_example(run.model, params, x, keys, section)
-      return jnp.mean(loss), terms
+      loss, terms, out = loss_per_example(run.model, params, x, keys, section, distance)
+      losses = (jnp.mean(loss),)
+      if adversary is not None:
+        losses += (adversary.generator_loss(state.discriminator["params"], out),)
+      return losses, (terms, out)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # One forward pass; one backward pass per loss (the adaptive weight needs both gradients).
+    losses, vjp, (terms, out) = jax.vjp(loss_fn, state.params, has_aux=True)
+    loss = losses[0]
+    one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
+    (grads,) = vjp((one,) + (zero,) * (len(losses) - 1))
+    extra = {}
+    if adversary is not None:
+      (g_grads,) = vjp((zero, one))
+      weight = adversary.adaptive_weight(grads, g_grads, state.step)
+      grads = jax.tree.map(lambda a, b: a + weight * b, grads, g_grads)
+      loss = loss + weight * losses[1]
+      extra = {"g_loss": losses[1], "d_weight": weight}
     new_state, metrics = apply_gradients(state, grads, run.tx, run.train, param_norm=False)
+    if adversary is not None:
+      disc, d_metrics = adversary.update(state.discriminator, x, out, state.step)
+      new_state = new_state.replace(discriminator=disc)
+      extra.update(d_metrics)
     terms = {name: jnp.mean(value) for name, value in terms.items()}
-    return new_state, {"loss": loss, **metrics, **terms}
+    return new_state, {"loss": loss, **metrics, **terms, **extra}
 
-  return step
+  return step, (None if lpips is None else lpips.variables)
 
 
 def make_reconstruct_fn(run):

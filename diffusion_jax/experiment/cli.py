@@ -231,37 +231,55 @@ def main(argv: list[str]) -> None:
 def _evaluate(config, workdir: str) -> None:
   import jax
 
-  from diffusion_jax.experiment import autoencoder, eval_mode, run, settings
+  from diffusion_jax.experiment import autoencoder, eval_mode, run, saved_config, settings
+  from diffusion_jax.runtime.errors import ConfigError
 
-  if settings.is_latent(config):
-    from diffusion_jax.runtime.errors import ConfigError
-
-    raise ConfigError(
-      "--mode=eval of a latent diffusion run is not available yet; evaluate its autoencoder "
-      f"with --workdir={config.latent.autoencoder_workdir} --mode=eval"
-    )
   if config.model.name == settings.AUTOENCODER:
     ae_run = run.make_run(config)
     state = autoencoder.restore(ae_run, workdir)
-    result, path = autoencoder.evaluate(config, workdir, ae_run, state)
-    if jax.process_index() == 0:
-      print(
-        f"reconstructions of {result['num_examples']} images of {result['split']} at step "
-        f"{result['step']}: {path}"
-      )
-      for name in autoencoder.FIGURES:
-        print(f"{name} {result[name]:.4f}")
+    _print_reconstruction(*autoencoder.evaluate(config, workdir, ae_run, state))
     return
   result, path = eval_mode.evaluate(config, workdir)
   if jax.process_index() == 0:
     # The standard error needs two images at least.
     error = f" ± {result['bits_per_dim_stderr']:.4f}" if result["num_examples"] > 1 else ""
+    latent = result.get("space") == "latent"
+    where = (
+      f"; a bound on the {'x'.join(map(str, result['latent_shape']))} latents scaled by "
+      f"{result['scale_factor']:.4f}, with a continuous decoder: not comparable with pixel "
+      "bits/dim"
+      if latent
+      else ""
+    )
     print(
-      f"bits/dim {result['bits_per_dim']:.4f}{error} "
+      f"bits/dim{' on latents' if latent else ''} {result['bits_per_dim']:.4f}{error} "
       f"(step {result['step']}, {result['num_examples']} images of {result['split']}; "
       f"prior {result['prior']:.4f}, decoder {result['decoder']:.4f}, "
-      f"KL terms {result['kl']:.4f}): {path}"
+      f"KL terms {result['kl']:.4f}{where}): {path}"
     )
+  if settings.is_latent(config):
+    # The autoencoder's reconstructions of the same images, written next to the figure above.
+    ae_config = saved_config.load(config.latent.autoencoder_workdir)
+    if ae_config is None:
+      raise ConfigError(f"latent.autoencoder_workdir={config.latent.autoencoder_workdir!r} is gone")
+    ae_config.data, ae_config.eval = config.data, config.eval
+    ae_run = run.make_run(ae_config)
+    state = autoencoder.restore(ae_run, config.latent.autoencoder_workdir)
+    _print_reconstruction(*autoencoder.evaluate(ae_config, workdir, ae_run, state))
+
+
+def _print_reconstruction(result: dict, path: str) -> None:
+  import jax
+
+  from diffusion_jax.experiment import autoencoder
+
+  if jax.process_index() == 0:
+    print(
+      f"reconstructions of {result['num_examples']} images of {result['split']} by the "
+      f"autoencoder at step {result['step']}: {path}"
+    )
+    for name in autoencoder.FIGURES:
+      print(f"{name} {result[name]:.4f}")
 
 
 _run_name = "run"

@@ -5,6 +5,11 @@ parameters of the latest checkpoint, over the first `eval.num_examples` images o
 `eval.split` of the data set. The noise of image i depends only on (eval.seed, i): the figure is
 the same for any batch size or device count, up to float rounding. A conditional model is
 evaluated unconditionally (its null label or empty prompt).
+
+A latent run's figure is a bound on its latents, not on pixels: x0 = scale * z with z drawn from
+image i's posterior with its own key, and the decoder term a Gaussian density (latents are not
+8-bit data), so the figure depends on the latent scale and compares only with other latent models
+of the same autoencoder. The autoencoder's reconstruction figures go with it (`cli`).
 """
 
 import dataclasses
@@ -23,8 +28,8 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import data, models
 from diffusion_jax.core import likelihood, rng
+from diffusion_jax.experiment import latent, settings
 from diffusion_jax.experiment import run as run_lib
-from diffusion_jax.experiment import settings
 from diffusion_jax.runtime import checkpoints, parallel
 from diffusion_jax.runtime.errors import ConfigError
 
@@ -37,15 +42,16 @@ def _eval_source(config: ml_collections.ConfigDict):
 
 
 def make_eval_fn(run: run_lib.Run, batch_size: int):
-  """Compiles (ema params, images uint8 [batch_size, H, W, C], key data [batch_size, 2] uint32
-  of per-image threefry keys) -> the figures of `likelihood.bits_per_dim`, each [batch_size]."""
+  """Compiles (ema params, x0 float32 [batch_size, H, W, C] (images in [-1, 1], or a latent
+  run's scaled latents), key data [batch_size, 2] uint32 of per-image threefry keys) -> the
+  figures of `likelihood.bits_per_dim`, each [batch_size]."""
   config = run.config
   parallel.check_batch_size(batch_size, run.mesh, field="eval.batch_size")
 
   # A conditional model is evaluated as the unconditional model it also is (the null condition).
   null = run.prompt_condition([""]) if run.cond_kind != "none" else {}
 
-  def eval_fn(params, images, key_data):
+  def eval_fn(params, x0, key_data):
     keys = jax.random.wrap_key_data(key_data)
 
     def apply_fn(x_t, t):
@@ -57,11 +63,12 @@ def make_eval_fn(run: run_lib.Run, batch_size: int):
     out = likelihood.bits_per_dim(
       run.schedule,
       denoise_fn,
-      data.normalize_images(images),
+      x0,
       keys,
       variance=config.diffusion.variance,
       prediction=config.diffusion.prediction,
-      clip_x0=config.eval.clip_x0,
+      clip_x0=config.eval.clip_x0 and run.latent is None,
+      decoder="discretized" if run.latent is None else "continuous",
       timesteps_per_call=config.eval.timesteps_per_call,
     )
     return {name: out[name] for name in FIGURES}
@@ -105,6 +112,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
 
   eval_fn = make_eval_fn(run, batch_size)
   key = rng.stream_key(eval_config.seed, rng.EVAL)
+  latent_key = jax.random.fold_in(rng.stream_key(eval_config.seed, latent.LATENT), latent.EVAL)
   process, processes = jax.process_index(), jax.process_count()
   rows = batch_size // processes
   values = {name: [] for name in FIGURES}
@@ -120,7 +128,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
     batch = parallel.put_batch(
       {"image": images, "keys": np.asarray(jax.random.key_data(keys))}, run.mesh
     )
-    out = eval_fn(state.ema_params, batch["image"], batch["keys"])
+    if run.latent is None:
+      x0 = data.normalize_images(batch["image"])
+    else:  # image i's latent drawn with fold_in(latent_key, i)
+      x0 = run.latent.encode(batch["image"], latent_key, b * batch_size)
+    out = eval_fn(state.ema_params, x0, batch["keys"])
     out = multihost_utils.process_allgather(out, tiled=True)
     keep = min(batch_size, count - b * batch_size)
     for name in FIGURES:
@@ -130,6 +142,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
   bpd = per_image["bits_per_dim"]
   result["bits_per_dim_stderr"] = float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if count > 1 else 0.0
   result.update(step=step, split=eval_config.split, num_examples=count)
+  if run.latent is not None:
+    result.update(space="latent", latent_shape=list(run.image_shape))
+    result["scale_factor"] = run.latent.scale_factor
   logging.info("bits/dim of %d images in %.1fs", count, time.time() - start)
   path = os.path.join(workdir, "eval", f"bits_per_dim_{step:07d}.json")
   if process == 0:

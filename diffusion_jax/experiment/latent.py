@@ -31,9 +31,11 @@ from diffusion_jax.runtime import checkpoints, parallel
 from diffusion_jax.runtime.errors import ConfigError
 
 # The random stream of the latents drawn from the posteriors (rng's streams end at EVAL = 3),
-# and its index reserved for the estimate of the scale factor (steps never reach it).
+# and its indices reserved for the estimate of the scale factor and evaluation (steps never
+# reach them).
 LATENT = 4
 _SCALE_ESTIMATE = 2**31 - 1
+EVAL = 2**31 - 2  # the index of --mode=eval's draws
 
 
 def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -85,6 +87,7 @@ class LatentSpace:
     replicated = parallel.replicated(self.mesh)
     self._encode = jax.jit(self._encode_fn, in_shardings=(replicated, batch, batch))
     self._moments = jax.jit(self._moments_fn, in_shardings=(replicated, batch))
+    self._draw = jax.jit(self._draw_fn, in_shardings=(batch, batch, batch))
     self._decode = jax.jit(self._decode_fn, in_shardings=(replicated, batch), out_shardings=batch)
 
   def _moments_fn(self, params, images):
@@ -93,11 +96,13 @@ class LatentSpace:
     )
     return posterior.mean, posterior.std
 
-  def _encode_fn(self, params, images, key_data):
-    mean, std = self._moments_fn(params, images)
+  def _draw_fn(self, mean, std, key_data):
     keys = jax.random.wrap_key_data(key_data)
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(keys)
     return self.scale_factor * (mean + std * noise)
+
+  def _encode_fn(self, params, images, key_data):
+    return self._draw_fn(*self._moments_fn(params, images), key_data)
 
   def _decode_fn(self, params, latents):
     out = self.model.apply(
@@ -105,12 +110,24 @@ class LatentSpace:
     )
     return data.denormalize_images(out)
 
+  def _key_data(self, key: jax.Array, first_index: int, count: int) -> jax.Array:
+    keys = rng.example_keys(key, first_index + jnp.arange(count))
+    return jax.device_put(jax.random.key_data(keys), parallel.batch_sharded(self.mesh))
+
   def encode(self, images: jax.Array, key: jax.Array, first_index: int = 0) -> jax.Array:
     """Scaled latents [B, h, w, z] of uint8 images [B, H, W, 3] (sharded over the batch); image
     j's latent is drawn with fold_in(key, first_index + j)."""
-    keys = rng.example_keys(key, first_index + jnp.arange(images.shape[0]))
-    key_data = jax.device_put(jax.random.key_data(keys), parallel.batch_sharded(self.mesh))
+    key_data = self._key_data(key, first_index, images.shape[0])
     return self._encode(self.params, images, key_data)
+
+  def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The posterior (mean, std), each [B, h, w, z] and unscaled, of uint8 images [B, H, W, 3]."""
+    return self._moments(self.params, images)
+
+  def draw(self, mean: jax.Array, std: jax.Array, key: jax.Array) -> jax.Array:
+    """What `encode` returns for the images of these posterior moments: latent j drawn with
+    fold_in(key, j)."""
+    return self._draw(mean, std, self._key_data(key, 0, mean.shape[0]))
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """uint8 images [B, H, W, 3] of scaled latents [B, h, w, z]."""

@@ -21,7 +21,7 @@ from absl import logging
 from diffusion_jax import data, text
 from diffusion_jax.core import rng
 from diffusion_jax.core.schedules import Schedule, make_schedule
-from diffusion_jax.experiment import autoencoder, generate, latent, settings
+from diffusion_jax.experiment import adversarial, autoencoder, generate, latent, settings
 from diffusion_jax.experiment.optim import make_optimizer
 from diffusion_jax.experiment.train_step import TrainState, init_state
 from diffusion_jax.models import condition_kind, fast, make_model
@@ -66,6 +66,8 @@ class Run:
   class_names: tuple[str, ...] = ()
   # A latent run's frozen autoencoder (`latent.LatentSpace`); None in pixel space.
   latent: Any = None
+  # A captioned folder's first distinct captions: what its training-time grids draw.
+  grid_captions: tuple[str, ...] = ()
 
   @property
   def is_autoencoder(self) -> bool:
@@ -77,7 +79,12 @@ class Run:
     if self.is_autoencoder:
       params = autoencoder.init_params(self.model, self.image_shape, key)
       step = jnp.zeros((), jnp.int32)
-      return TrainState(step, params, params, opt_state=self.tx.init(params))
+      section = self.config.autoencoder
+      disc = None
+      if adversarial.enabled(section):
+        disc_key = jax.random.fold_in(key, 1)
+        disc = adversarial.init_state(section, self.train, self.image_shape, disc_key)
+      return TrainState(step, params, params, opt_state=self.tx.init(params), discriminator=disc)
     importance_sampling = self.diffusion.t_sampling == "importance"
     return init_state(
       self.model,
@@ -96,7 +103,7 @@ class Run:
     """
     if self.cond_kind == "none":
       return None, None, num_images
-    prompts = [text.class_caption(name) for name in self.class_names]
+    prompts = list(self.grid_captions) or [text.class_caption(n) for n in self.class_names]
     per_prompt = max(1, num_images // len(prompts))
     condition = self.prompt_condition(prompts)
     condition = {k: np.repeat(v, per_prompt, axis=0) for k, v in condition.items()}
@@ -223,7 +230,7 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
       "pays off on GPUs and TPUs only. Set --config.train.steps_per_call=1 here.",
       train.steps_per_call,
     )
-  tokenizer, class_names = None, ()
+  tokenizer, class_names, grid_captions = None, (), ()
   if cond_kind != "none":
     source = data.make_source(data_config)
     class_names = tuple(source.class_names)
@@ -241,6 +248,10 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
           "--config.data.random_flip=false"
         )
       tokenizer = text.tokenizer_for(source, config.model.text.max_length)
+      if getattr(source, "captioned", False):
+        captions = [source.caption(i, None) for i in range(len(source))]
+        _warn_long_captions(captions, tokenizer.max_length)
+        grid_captions = tuple(dict.fromkeys(captions))[:_GRID_CAPTIONS]
       if len(tokenizer) > config.model.text.vocab_size:
         raise ConfigError(
           f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
@@ -263,7 +274,28 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     tokenizer=tokenizer,
     class_names=class_names,
     latent=space,
+    grid_captions=grid_captions,
   )
+
+
+def _warn_long_captions(captions: list[str], max_length: int) -> None:
+  """One warning when captions have more words than the prompts hold (START takes one place)."""
+  lengths = np.asarray([len(text.split_words(c)) for c in captions])
+  long = int(np.sum(lengths > max_length - 1))
+  if long:
+    logging.warning(
+      "%d of %d captions have more than %d words (the longest %d); training reads their first "
+      "%d. Raise model.text.max_length (now %d) to keep them whole",
+      long,
+      len(captions),
+      max_length - 1,
+      int(lengths.max()),
+      max_length - 1,
+      max_length,
+    )
+
+
+_GRID_CAPTIONS = 8  # distinct captions in a captioned folder's training-time grids
 
 
 def _make_network(config: ml_collections.ConfigDict) -> nn.Module:

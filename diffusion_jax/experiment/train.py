@@ -19,7 +19,7 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.core import rng
-from diffusion_jax.experiment import autoencoder, generate, latent, settings, studies
+from diffusion_jax.experiment import autoencoder, generate, latent, latent_cache, settings, studies
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
 from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = compile_train_step(run, num_seeds, steps_per_call)
   train_keys = [rng.stream_key(m.seed, rng.TRAIN) for m in members]
   train_key = jnp.stack(train_keys) if num_seeds else train_keys[0]
-  next_batch = _batches(run, members, start_step, num_seeds)
+  next_batch = _batches(run, members, start_step, num_seeds, workdir)
   writers = [MetricWriter(m.workdir) for m in members]
   progress = tqdm.tqdm(
     total=train_config.num_steps,
@@ -194,7 +194,9 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       json.dump(config.to_dict(), f, indent=2, default=list)
 
 
-def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int | None):
+def _batches(
+  run: Run, members: list[_Member], start_step: int, num_seeds: int | None, workdir: str
+):
   """next_batch(n): the device batch of the next step (n = 1), or of the next n steps on a
   leading axis of train.steps_per_call batches (the rest repeat the first)."""
   iterators = [
@@ -213,7 +215,7 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
   fields = ("image",) + {"class": ("label",), "text": ("tokens",)}.get(run.cond_kind, ())
   k = run.train.steps_per_call
   if run.latent is not None:
-    return _latent_batches(run, iterators[0], fields, members[0].seed, start_step)
+    return _latent_batches(run, iterators[0], fields, members[0].seed, start_step, workdir)
 
   def next_batch(n: int):
     if k > 1:
@@ -228,18 +230,29 @@ def _batches(run: Run, members: list[_Member], start_step: int, num_seeds: int |
   return next_batch
 
 
-def _latent_batches(run: Run, iterator, fields, seed: int, start_step: int):
-  """next_batch(1) of a latent run: the step's images encoded to latents on the devices, image j
-  of step s drawn from its posterior with fold_in(fold_in(LATENT stream, s), j)."""
+def _latent_batches(run: Run, iterator, fields, seed: int, start_step: int, workdir: str):
+  """next_batch(1) of a latent run: the step's latents, image j of step s drawn from its
+  posterior with fold_in(fold_in(LATENT stream, s), j); the posterior is the encoder's on the
+  devices, or with latent.cache the same one read from the encoded training set."""
   root = rng.stream_key(seed, latent.LATENT)
   step = start_step
+  cache = None
+  if run.config.latent.cache:
+    cache = latent_cache.load_or_encode(run.config, run.latent, workdir)
+    fields = tuple(f for f in fields if f != "image")
 
   def next_batch(n: int):
     nonlocal step
     row = next(iterator)
-    batch = parallel.put_batch({f: row[f] for f in fields}, run.mesh)
-    batch["latent"] = run.latent.encode(batch.pop("image"), jax.random.fold_in(root, step))
+    key = jax.random.fold_in(root, step)
     step += 1
+    if cache is None:
+      batch = parallel.put_batch({f: row[f] for f in fields}, run.mesh)
+      batch["latent"] = run.latent.encode(batch.pop("image"), key)
+      return batch
+    mean, std = cache.rows(row["source"], row["flipped"])
+    batch = parallel.put_batch({**{f: row[f] for f in fields}, "mean": mean, "std": std}, run.mesh)
+    batch["latent"] = run.latent.draw(batch.pop("mean"), batch.pop("std"), key)
     return batch
 
   return next_batch

@@ -34,6 +34,8 @@ class TrainState:
   # diffusion.t_sampling="importance": the recent losses at each t (importance.LossHistory);
   # None for uniform t.
   t_history: Any = None
+  # An autoencoder trained with a discriminator (`adversarial.py`): {"params", "opt_state"} of D.
+  discriminator: Any = None
 
 
 def init_state(
@@ -214,10 +216,21 @@ def compile_train_step(run: "Run", num_seeds: int | None = None, steps_per_call:
     num_classes=run.num_classes,
     param_norm=False,
   )
+  frozen = None  # inputs the step reads but never changes, passed as its last argument
   if run.is_autoencoder:
     from diffusion_jax.experiment import autoencoder  # It builds on this module.
 
-    step = autoencoder.make_step(run)
+    step, frozen = autoencoder.make_step(run)
+  if frozen is not None:  # one seed, one step per call (autoencoder.check_config)
+    replicated = parallel.replicated(run.mesh)
+    jitted = jax.jit(
+      _with_param_norm(step, None),
+      donate_argnums=(0,),
+      in_shardings=(replicated, parallel.batch_sharded(run.mesh), None, replicated),
+      out_shardings=(replicated, replicated),
+    )
+    frozen = jax.device_put(frozen, replicated)
+    return lambda state, batch, key: jitted(state, batch, key, frozen)
   if num_seeds:
     step = jax.vmap(step) if run.train.seed_batching == "vmap" else _unrolled(step, num_seeds)
   batch_sharding = parallel.batch_sharded(run.mesh, axis=1 if num_seeds else 0)

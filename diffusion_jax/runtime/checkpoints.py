@@ -74,13 +74,32 @@ class CheckpointStore:
       (state, meta).
     """
     _quiet_closed_loop_reports()
+    # A field that is None here (a part of the state this run does not have) and that older
+    # checkpoints, saved before the field existed, lack: restored without it, then None again.
+    absent = []
+    if isinstance(abstract_state, dict):
+      saved = self._saved_keys(step)
+      absent = [k for k, v in abstract_state.items() if v is None and saved and k not in saved]
+      abstract_state = {k: v for k, v in abstract_state.items() if k not in absent}
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
       ),
     )
-    return restored["state"], dict(restored["meta"])
+    state = restored["state"]
+    if absent:
+      state = {**state, **dict.fromkeys(absent)}
+    return state, dict(restored["meta"])
+
+  def _saved_keys(self, step: int) -> set[str] | None:
+    """The top-level keys of the state saved at `step`, from its metadata (None: unreadable)."""
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 - unreadable metadata: restoring tells
+      return None
+    saved = getattr(saved, "tree", saved)
+    return set(saved) if isinstance(saved, dict) else None
 
   def mismatch(self, step: int, abstract_state: Any) -> str | None:
     """How the arrays saved at `step` differ from `abstract_state` (a missing, extra or
