@@ -1,8 +1,8 @@
 """The package's layers and their import rules (DESIGN.md section 1), checked by parsing imports.
 
 core       pure math: imports only the standard library, jax, numpy, chex and flax.struct
-core, sampling, models   nothing from data, runtime or experiment; never optax, orbax,
-           tensorflow_datasets, grain or ml_collections
+core, sampling, models, pretrained   nothing from data, runtime or experiment; never optax,
+           orbax, tensorflow_datasets, grain or ml_collections
 data       no models
 experiment imported only by itself (main.py, tests and benchmarks are outside the package)
 every module under MAX_LINES lines
@@ -17,8 +17,18 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 MAX_LINES = 450
-LAYERS = ("core", "sampling", "models", "text", "data", "evaluation", "runtime", "experiment")
-PURE = ("core", "sampling", "models")
+LAYERS = (
+  "core",
+  "sampling",
+  "models",
+  "pretrained",
+  "text",
+  "data",
+  "evaluation",
+  "runtime",
+  "experiment",
+)
+PURE = ("core", "sampling", "models", "pretrained")
 HEAVY = ("optax", "orbax", "tensorflow_datasets", "grain", "ml_collections")
 CORE_ALLOWED = ("jax", "numpy", "chex")
 
@@ -88,6 +98,7 @@ BROKEN = {
   "sampling/bad.py": "import optax\n",
   "models/bad.py": "def f():\n  from diffusion_jax.data import pipeline\n",
   "data/bad.py": "from diffusion_jax import models\n",
+  "pretrained/bad.py": "import orbax.checkpoint\n",
   "runtime/bad.py": "from diffusion_jax.experiment import train\n",
   "__init__.py": "from diffusion_jax import experiment\n",
   "evaluation/long.py": "x = 1\n" * (MAX_LINES + 1),
