@@ -35,18 +35,20 @@ TEXT_MODEL = {
 }
 CLASS_MODEL = {**TEXT_MODEL, "cross_attn_resolutions": (), "text": {}, "num_classes": 5}
 
+# Most tests here compile whole networks: the shared compilation cache and XLA's cheap pipeline.
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def _init(model_config, **cond):
   model = make_model(model_config)
   x = jnp.zeros((2, 8, 8, 3))
   t = jnp.zeros((2,), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(0), x, t, **cond)["params"]
   # The output layers start at zero; random parameters everywhere make the checks meaningful.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-    tree, [0.3 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-  )
+  # Only the init's shapes are used, and the values come from NumPy: compiling the init and a
+  # threefry draw for each parameter shape took most of these tests' time on a CPU.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, **cond)["params"]
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), p.dtype), shapes)
   return model, params
 
 
@@ -158,7 +160,9 @@ def test_guidance_combines_the_conditional_and_unconditional_outputs(kind):
     {"labels": jnp.asarray([1, 3])} if kind == "class" else {"tokens": _tokens([[1, 4], [1, 5, 6]])}
   )
   model, params = _init(CLASS_MODEL if kind == "class" else TEXT_MODEL, **cond)
-  apply_fn = lambda x, t, **c: model.apply({"params": params}, x, t, **c)
+  # Compiled once per batch size (B and 2B), not run op by op; each output below comes from
+  # the same compiled network as the output it is compared with.
+  apply_fn = jax.jit(lambda x, t, **c: model.apply({"params": params}, x, t, **c))
   x = jax.random.normal(jax.random.key(8), (2, 8, 8, 3))
   t = jnp.asarray([2, 11])
   null = guidance.null_like(cond, num_classes=5)
@@ -281,9 +285,11 @@ def test_excluded_classes_leave_the_training_split(tiny_config):
 
 
 def _text_overrides():
+  # The tiny setup's one-level U-Net, with cross-attention in the middle and in the up path's
+  # block at 8x8: what the tests of the run check (prompts reaching the samples, guidance, the
+  # bound of the unconditional model) does not depend on depth, and two levels with a block each
+  # took more than twice as long to compile.
   return {
-    "model.channel_mult": (1, 2),
-    "model.num_res_blocks": 1,
     "model.cross_attn_resolutions": (8,),
     "model.text.vocab_size": 32,
     "model.text.width": 16,
@@ -434,8 +440,10 @@ def test_eval_of_a_text_model_is_the_bound_of_its_unconditional_model(text_run):
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(3, dtype=jnp.uint32))
   empty = jnp.asarray(run.tokenizer.encode([""] * 3))
 
-  def bound(tokens):
-    out = likelihood.bits_per_dim(
+  # Compiled once for both prompts (the same shapes), not run eagerly twice.
+  @jax.jit
+  def bits_per_dim(tokens):
+    return likelihood.bits_per_dim(
       run.schedule,
       lambda x_t, t: run.model.apply({"params": params}, x_t, t, tokens=tokens),
       data.normalize_images(images),
@@ -443,8 +451,10 @@ def test_eval_of_a_text_model_is_the_bound_of_its_unconditional_model(text_run):
       variance=config.diffusion.variance,
       prediction=config.diffusion.prediction,
       clip_x0=config.eval.clip_x0,
-    )
-    return float(np.mean(out["bits_per_dim"]))
+    )["bits_per_dim"]
+
+  def bound(tokens):
+    return float(np.mean(bits_per_dim(tokens)))
 
   assert result["bits_per_dim"] == pytest.approx(bound(empty), rel=1e-5)
   # The figure depends on the prompt: a real caption gives another bound.

@@ -200,6 +200,15 @@ def _loss_and_grads(config, params, x, t):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.fixture(scope="module")
+def net_reference():
+  """(x, t, params, loss, grads) of the plain network, computed once for the tests that compare
+  a variant of it against it."""
+  x, t = _net_inputs()
+  params = _random_params(NET, x, t)
+  return x, t, params, *_loss_and_grads(NET, params, x, t)
+
+
 def test_subpixel_conv_is_the_upsampled_convolution():
   np_rng = np.random.default_rng(3)
   # Not square, odd sizes: every phase and border case.
@@ -235,14 +244,12 @@ def test_subpixel_conv_is_the_upsampled_convolution():
     # tests/test_groupnorm.py.)
   ],
 )
-def test_network_switches_change_only_rounding(overrides, tolerance):
-  x, t = _net_inputs()
-  params = _random_params(NET, x, t)
+def test_network_switches_change_only_rounding(net_reference, overrides, tolerance):
+  x, t, params, loss, grads = net_reference
   other = dataclasses.replace(NET, **overrides)
   # Same parameter tree, so either setting loads the other's checkpoints.
   shapes = [jax.eval_shape(unet.UNet(c).init, jax.random.key(0), x, t) for c in (NET, other)]
   assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
-  loss, grads = _loss_and_grads(NET, params, x, t)
   other_loss, other_grads = _loss_and_grads(other, params, x, t)
   assert math.isclose(float(loss), float(other_loss), rel_tol=tolerance)
   assert relative_difference(grads, other_grads) < tolerance
@@ -312,10 +319,8 @@ BF16_LOSS_BOUND = 0.005
 BF16_GRAD_BOUND = 0.02
 
 
-def test_bfloat16_loss_and_gradient_within_the_stated_bound():
-  x, t = _net_inputs()
-  params = _random_params(NET, x, t)
-  loss32, grads32 = _loss_and_grads(NET, params, x, t)
+def test_bfloat16_loss_and_gradient_within_the_stated_bound(net_reference):
+  x, t, params, loss32, grads32 = net_reference
   loss16, grads16 = _loss_and_grads(dataclasses.replace(NET, dtype="bfloat16"), params, x, t)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
   assert abs(float(loss16) / float(loss32) - 1) < BF16_LOSS_BOUND
