@@ -50,6 +50,13 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   return np.minimum(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], max_beta)
 
 
+def scaled_linear_betas(
+  num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> np.ndarray:
+  """β_t = (√β_start + t/(T-1) (√β_end - √β_start))², latent diffusion's schedule; [T] float64."""
+  return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
 _BETAS: dict[str, Callable[..., np.ndarray]] = {"linear": linear_betas, "cosine": cosine_betas}
 
 

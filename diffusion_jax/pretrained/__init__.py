@@ -3,6 +3,7 @@ checkpoints, mapped by name onto the project's modules, with the `safetensors` p
 and no torch."""
 
 from diffusion_jax.pretrained.files import WeightsError, read_config, read_safetensors
+from diffusion_jax.pretrained.scheduler import SchedulerConfig, inference_timesteps, load_scheduler
 from diffusion_jax.pretrained.vae import (
   NAMINGS,
   SD_SCALING_FACTOR,
@@ -18,9 +19,12 @@ from diffusion_jax.pretrained.vae import (
 __all__ = [
   "NAMINGS",
   "SD_SCALING_FACTOR",
+  "SchedulerConfig",
   "WeightsError",
   "diffusers_vae_config",
+  "inference_timesteps",
   "load_ldm_vae",
+  "load_scheduler",
   "load_vae",
   "read_config",
   "read_safetensors",
