@@ -71,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"autoencoder.kl_weight={section.kl_weight} must be >= 0")
   adversarial.check(section, int(config.data.image_size))
   perceptual.check(section)
-  if perceptual.load(section) is not None and (
+  if perceptual.enabled(section) and (
     settings.study_seeds(config) or config.train.steps_per_call > 1
   ):
     raise ConfigError(

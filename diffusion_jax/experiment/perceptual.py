@@ -33,9 +33,14 @@ def check(section) -> None:
     )
 
 
+def enabled(section) -> bool:
+  """Whether the config's `autoencoder` section adds the perceptual term."""
+  return bool(section.lpips_weights) and section.perceptual_weight > 0
+
+
 def load(section) -> Perceptual | None:
-  """The LPIPS network of autoencoder.lpips_weights, or None when the field is empty."""
-  if not section.lpips_weights or section.perceptual_weight == 0:
+  """The LPIPS network of autoencoder.lpips_weights, or None when the term is off."""
+  if not enabled(section):
     return None
   return _load(os.path.abspath(section.lpips_weights))
 
