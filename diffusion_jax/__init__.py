@@ -6,8 +6,9 @@
   images = dj.sample(denoise_fn, schedule, (16, 32, 32, 3), key, sampler="ddim", num_steps=50)
 
 These names stay importable from here wherever the modules behind them live (DESIGN.md, section
-3). The layers below: core (pure math), sampling, models, text, data, evaluation, runtime; the
-experiment package (training and the modes of main.py) is imported on its own.
+3). The layers below: core (pure math), sampling, models, pretrained (published weights), text,
+data, evaluation, runtime; the experiment package (training and the modes of main.py) is imported
+on its own.
 """
 
 from diffusion_jax.core.diffusion import (
@@ -35,6 +36,7 @@ from diffusion_jax.models import (
   condition_kind,
   make_model,
 )
+from diffusion_jax.pretrained import DDPM, StableDiffusion, WeightsError, load_pretrained
 from diffusion_jax.sampling.guidance import guided
 from diffusion_jax.sampling.samplers import SAMPLERS, sample
 
@@ -43,17 +45,21 @@ __all__ = [
   "PREDICTIONS",
   "SAMPLERS",
   "VARIANCES",
+  "DDPM",
   "DenoiseFn",
   "FastPaths",
   "Schedule",
+  "StableDiffusion",
   "TextEncoder",
   "TextUNet",
   "UNet",
   "UNetConfig",
+  "WeightsError",
   "bits_per_dim",
   "condition_kind",
   "example_keys",
   "guided",
+  "load_pretrained",
   "make_model",
   "make_schedule",
   "p_mean_variance",

@@ -3,7 +3,8 @@
 This package never imports ml_collections: `make_model` and `check_model_config` read the section's
 fields by attribute (or key, for a plain dict) and turn them into a frozen `UNetConfig`.
 `Autoencoder` is latent diffusion's KL autoencoder (`autoencoder.py`), built from an
-`AutoencoderConfig`.
+`AutoencoderConfig`; `LatentUNet` and `ClipTextModel` are Stable Diffusion's U-Net and text
+encoder, which `diffusion_jax.pretrained` loads from published weights.
 """
 
 from collections.abc import Mapping
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 from jax.tree_util import tree_map
 
 from diffusion_jax.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
+from diffusion_jax.models.clip_text import ClipTextConfig, ClipTextModel
 from diffusion_jax.models.fast import FastPaths
+from diffusion_jax.models.latent_unet import LatentUNet, LatentUNetConfig
 from diffusion_jax.models.text_encoder import TextEncoder, TextEncoderConfig, text_config_from
 from diffusion_jax.models.unet import (
   CIFAR10_NUM_PARAMS,
@@ -31,8 +34,12 @@ __all__ = [
   "CONDITIONING",
   "Autoencoder",
   "AutoencoderConfig",
+  "ClipTextConfig",
+  "ClipTextModel",
   "DiagonalGaussian",
   "FastPaths",
+  "LatentUNet",
+  "LatentUNetConfig",
   "TextEncoder",
   "TextEncoderConfig",
   "TextUNet",

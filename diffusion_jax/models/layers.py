@@ -110,9 +110,14 @@ class ReferenceGroupNorm(nn.Module):
 
 
 def group_norm(
-  num_groups: int, dtype, name: str, act: str = "none", fast: FastPaths = REFERENCE_PATHS
+  num_groups: int,
+  dtype,
+  name: str,
+  act: str = "none",
+  fast: FastPaths = REFERENCE_PATHS,
+  epsilon: float = _GROUPNORM_EPS,
 ) -> nn.Module:
-  """GroupNorm over the last axis with the original's epsilon; float32 scale and bias.
+  """GroupNorm over the last axis (the original's epsilon by default); float32 scale and bias.
 
   Args:
     num_groups: groups; must divide the channel count of the input.
@@ -121,12 +126,13 @@ def group_norm(
     act: "swish" to apply swish in the same pass (the usual GroupNorm -> swish), or "none".
     fast: `fast.group_norm` picks the fused operation with a hand-written gradient
       (`fast/groupnorm.py`, with `fast.recompute_dz`) or `ReferenceGroupNorm`.
+    epsilon: added to the group variance (1e-6 in the original, 1e-5 in Stable Diffusion's U-Net).
 
   Returns:
     The (unbound) module, with flax's nn.GroupNorm parameters; [B, H, W, C] -> [B, H, W, C].
   """
   # Group statistics are float32 even for a bfloat16 compute dtype.
-  options = dict(epsilon=_GROUPNORM_EPS, act=act, dtype=dtype, param_dtype=jnp.float32, name=name)
+  options = dict(epsilon=epsilon, act=act, dtype=dtype, param_dtype=jnp.float32, name=name)
   if fast.group_norm == "reference":
     return ReferenceGroupNorm(num_groups, **options)
   return GroupNorm(num_groups, recompute_dz=fast.recompute_dz, **options)
@@ -227,6 +233,7 @@ class ResBlock(nn.Module):
     dtype: compute dtype.
     conv: how both 3x3 convolutions are computed (`conv3x3`).
     fast: the speed paths (`FastPaths`: GroupNorm, the residual's gradient).
+    epsilon: the GroupNorms' epsilon.
   """
 
   out_channels: int | None = None
@@ -235,6 +242,7 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   conv: str = "xla"
   fast: FastPaths = FastPaths()
+  epsilon: float = _GROUPNORM_EPS
 
   @nn.compact
   def __call__(
@@ -263,12 +271,12 @@ class ResBlock(nn.Module):
     parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     in_channels = sum(p.shape[-1] for p in parts)
     out_channels = in_channels if self.out_channels is None else self.out_channels
-    h = group_norm(self.num_groups, self.dtype, "norm1", "swish", self.fast)(x)
+    h = group_norm(self.num_groups, self.dtype, "norm1", "swish", self.fast, self.epsilon)(x)
     h = conv3x3(out_channels, self.dtype, "conv1", conv=self.conv)(h)
     # The embedding MLP ends in a linear layer; each block applies the swish itself.
     if temb is not None:
       h = h + dense(out_channels, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = group_norm(self.num_groups, self.dtype, "norm2", "swish", self.fast)(h)
+    h = group_norm(self.num_groups, self.dtype, "norm2", "swish", self.fast, self.epsilon)(h)
     if train and self.dropout > 0 and dropout_keys is not None:
       h = per_example_dropout(h, dropout_keys, self.dropout, "/".join(self.scope.path))
     else:

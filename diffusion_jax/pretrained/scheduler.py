@@ -55,6 +55,12 @@ class SchedulerConfig:
     bool  # whether the predicted x0 is clipped to [-clip_sample_range, clip_sample_range]
   )
   clip_sample_range: float
+  set_alpha_to_one: bool  # DDIM's last step ends at ᾱ = 1 (True) or at ᾱ_0 (False)
+
+  @property
+  def final_alpha_cumprod(self) -> float:
+    """ᾱ after timestep 0 in DDIM's last step: 1, or ᾱ_0 as Stable Diffusion's configs ask."""
+    return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
@@ -139,6 +145,7 @@ def load_scheduler(folder: str) -> SchedulerConfig:
     timestep_spacing=spacing,
     clip_sample=bool(config.get("clip_sample", True)) if has_clip else False,
     clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+    set_alpha_to_one=bool(config.get("set_alpha_to_one", class_name != "PNDMScheduler")),
   )
 
 
