@@ -19,6 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
   # again took a fifth of a CIFAR-10 train step on 2 cores. The process keeps its peak memory.
   # No effect on GPU or TPU runs (diffusion_jax/runtime/hostmem.py).
   config.reuse_host_memory = True
+  # Published weights (diffusion_jax.pretrained): a diffusers pipeline folder (DDPM, or Stable
+  # Diffusion 1.x / 2.x) or a Stable Diffusion single file (.safetensors). --mode=sample then
+  # draws from it without a run (configs/stable_diffusion.py, configs/ddpm_pretrained.py), and a
+  # fine-tuning run starts from it (configs/stable_diffusion_finetune.py).
+  config.pretrained = ""
+  # A single file's tokenizer/ and scheduler/: a diffusers pipeline folder of the same family.
+  config.pretrained_components = ""
 
   # ---------------------------------------------------------------- data
   config.data = data = ml_collections.ConfigDict()
@@ -225,6 +232,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Classifier-free guidance weight w: 1 is the plain conditional model, 0 the unconditional one,
   # larger values follow the prompt more closely at some cost in diversity (e.g. 3).
   sample.guidance_scale = 1.0
+  # Stable Diffusion (config.pretrained): the prompt guidance steers away from ("" by default),
+  # image-to-image from a picture file (init_image, with strength in (0, 1]: the fraction of the
+  # steps run; 0.8 by default), inpainting where a mask file (white: paint anew) says, and the
+  # image size (default: the model's, or the init image's).
+  sample.negative_prompt = ml_collections.config_dict.placeholder(str)
+  sample.init_image = ""
+  sample.strength = ml_collections.config_dict.placeholder(float)
+  sample.mask = ""
+  sample.height = ml_collections.config_dict.placeholder(int)
+  sample.width = ml_collections.config_dict.placeholder(int)
 
   # ---------------------------------------------------------------- eval
   # --mode=eval: the variational bound on the negative log-likelihood in bits per dimension, on

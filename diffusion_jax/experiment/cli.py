@@ -33,9 +33,10 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "sample", "eval"],
-    "train (resumes from the workdir), sample (the latest checkpoint's EMA params) or eval "
-    "(bits/dim of the latest checkpoint on eval.split).",
+    ["train", "sample", "eval", "export"],
+    "train (resumes from the workdir), sample (the latest checkpoint's EMA params, or the "
+    "published weights of config.pretrained), eval (bits/dim of the latest checkpoint on "
+    "eval.split) or export (a fine-tuned Stable Diffusion run as a diffusers folder).",
   )
   flags.DEFINE_bool(
     "distributed",
@@ -169,6 +170,7 @@ def main(argv: list[str]) -> None:
   quiet_logs()
   import jax
 
+  from diffusion_jax.pretrained import WeightsError
   from diffusion_jax.runtime import hostmem, interrupts, parallel
   from diffusion_jax.runtime.errors import ConfigError, SamplingStopped, TrainingStopped
 
@@ -191,7 +193,14 @@ def main(argv: list[str]) -> None:
 
     logging.info("workdir: %s", os.path.abspath(workdir))
     config = saved_config.reconcile(config, workdir, FLAGS.mode)
-    if FLAGS.mode == "train":
+    published = config.get("pretrained") or config.model.name == settings.STABLE_DIFFUSION
+    if published and FLAGS.mode in ("sample", "export"):
+      _pretrained(config, workdir, FLAGS.mode)
+    elif FLAGS.mode == "export":
+      raise ConfigError(
+        "--mode=export writes a fine-tuned Stable Diffusion run: set config.pretrained"
+      )
+    elif FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "eval":
       _evaluate(config, workdir)
@@ -212,7 +221,7 @@ def main(argv: list[str]) -> None:
         png, npz, samples = sample_mode.sample_from_checkpoint(config, workdir)
       if jax.process_index() == 0:
         print(f"wrote {len(samples)} samples: {png} and {npz}")
-  except (ConfigError, FloatingPointError) as e:
+  except (ConfigError, FloatingPointError, WeightsError) as e:
     raise SystemExit(f"error: {e}") from None
   except OSError as e:  # an unwritable or full workdir, a vanished file
     where = f" {e.filename}" if e.filename else ""
@@ -228,11 +237,37 @@ def main(argv: list[str]) -> None:
     raise SystemExit(130 if e.signal_name == "SIGINT" else 0) from None
 
 
+def _pretrained(config, workdir: str, mode: str) -> None:
+  """--mode=sample or export with config.pretrained: the published weights, or a fine-tuning
+  run's latest checkpoint of them."""
+  import jax
+
+  from diffusion_jax.experiment import finetune, pretrained_mode
+  from diffusion_jax.runtime import interrupts
+  from diffusion_jax.runtime.errors import ConfigError
+
+  unet_params, step = finetune.latest_unet(config, workdir)
+  if mode == "export":
+    if unet_params is None:
+      raise ConfigError(f"--workdir={workdir} has no checkpoint of a fine-tuning run to export")
+    folder = pretrained_mode.export(config, workdir, unet_params, step)
+    if jax.process_index() == 0:
+      print(f"wrote the diffusers folder {folder}")
+    return
+  with interrupts.stop_sampling_on_signals():
+    png, npz, samples = pretrained_mode.sample(config, workdir, unet_params, step)
+  if jax.process_index() == 0:
+    print(f"wrote {len(samples)} samples: {png} and {npz}")
+
+
 def _evaluate(config, workdir: str) -> None:
   import jax
 
   from diffusion_jax.experiment import autoencoder, eval_mode, run, saved_config, settings
   from diffusion_jax.runtime.errors import ConfigError
+
+  if config.model.name == settings.STABLE_DIFFUSION:
+    raise ConfigError("a Stable Diffusion fine-tuning run has no --mode=eval; --mode=sample draws")
 
   if config.model.name == settings.AUTOENCODER:
     ae_run = run.make_run(config)

@@ -68,6 +68,8 @@ class Run:
   latent: Any = None
   # A captioned folder's first distinct captions: what its training-time grids draw.
   grid_captions: tuple[str, ...] = ()
+  # A fine-tuning run's published model (`pretrained.StableDiffusion`, `finetune.py`).
+  pretrained: Any = None
 
   @property
   def is_autoencoder(self) -> bool:
@@ -76,6 +78,10 @@ class Run:
 
   def init_state(self, key: jax.Array) -> TrainState:
     """`init_state` for this run's model, optimizer and t sampling."""
+    if self.pretrained is not None:
+      from diffusion_jax.experiment import finetune  # It builds on this module.
+
+      return finetune.init_state(self)
     if self.is_autoencoder:
       params = autoencoder.init_params(self.model, self.image_shape, key)
       step = jnp.zeros((), jnp.int32)
@@ -210,6 +216,10 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
       )
   config = resolve_auto(config, jax.default_backend())
   mesh = parallel.make_mesh()
+  if config.model.name == settings.STABLE_DIFFUSION:
+    from diffusion_jax.experiment import finetune  # It builds on this module.
+
+    return finetune.make_run(config, mesh)
   space = None
   if settings.is_latent(config):
     config, space = latent.latent_space(config, mesh)
@@ -350,6 +360,8 @@ def restore_or_init_seeds(
     step, state_dicts, _ = restored
     logging.info("resumed from the checkpoint at step %d", step)
     return [flax.serialization.from_state_dict(abstract, d) for d in state_dicts]
+  if run.pretrained is not None:  # published weights, not a draw: passed in, never compiled in
+    return [run.init_state(None) for _ in seeds]
   init = jax.jit(
     run.init_state,
     out_shardings=parallel.replicated(run.mesh),

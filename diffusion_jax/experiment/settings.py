@@ -43,6 +43,8 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
 
 # model.name of a run that trains the `autoencoder` section's network.
 AUTOENCODER = "autoencoder"
+# model.name of a run that fine-tunes the U-Net of config.pretrained (`finetune.py`).
+STABLE_DIFFUSION = "stable_diffusion"
 
 
 def is_latent(config: ml_collections.ConfigDict) -> bool:
@@ -73,7 +75,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Validates the config before anything is compiled; raises ConfigError (one line)."""
   _check_sizes(config)
   try:
-    if config.model.name != AUTOENCODER:  # An autoencoder is checked by `autoencoder.py`.
+    # An autoencoder is checked by `autoencoder.py`, a published U-Net by its loader.
+    if config.model.name not in (AUTOENCODER, STABLE_DIFFUSION):
       check_model_config(config.model, network_image_size(config))
     parallel.check_batch_size(config.train.batch_size, mesh)
     parallel.check_batch_size(config.sample.batch_size, mesh, field="sample.batch_size")

@@ -217,6 +217,10 @@ def compile_train_step(run: "Run", num_seeds: int | None = None, steps_per_call:
     param_norm=False,
   )
   frozen = None  # inputs the step reads but never changes, passed as its last argument
+  if run.pretrained is not None:
+    from diffusion_jax.experiment import finetune  # It builds on this module.
+
+    step, frozen = finetune.make_step(run)
   if run.is_autoencoder:
     from diffusion_jax.experiment import autoencoder  # It builds on this module.
 
