@@ -200,7 +200,7 @@ SINGLE_ERRORS = {
   "shape": (
     lambda t: t.update({SD2 + "transformer.resblocks.1.mlp.c_proj.weight": np.zeros((16, 36))}),
     r"'cond_stage_model\.model\.transformer\.resblocks\.1\.mlp\.c_proj\.weight' has shape "
-    r"\(16, 36\), but the other tensors imply \(16, 37\)",
+    r"\(16, 36\), but the rest of the file implies \(16, 37\)",
   ),
   "unexpected": (
     lambda t: t.update({SD2 + "visual.proj": np.zeros((4, 4))}),

@@ -34,7 +34,12 @@ from flax.traverse_util import flatten_dict
 
 from diffusion_jax.models.clip_text import ACTIVATIONS, ClipTextConfig, ClipTextModel
 from diffusion_jax.pretrained.files import WeightsError, read_config, read_safetensors
-from diffusion_jax.pretrained.mapping import Row, params_from_tensors, tensors_from_params
+from diffusion_jax.pretrained.mapping import (
+  Row,
+  check_tensor,
+  params_from_tensors,
+  tensors_from_params,
+)
 
 PREFIX = "text_model."
 _BUFFERS = ("embeddings.position_ids",)
@@ -109,13 +114,7 @@ def _params(tensors: dict, config: ClipTextConfig, prefix: str, source: str, imp
   tables = {name: shape for name, path, shape in rows if path[-1] == "embedding"}
   tensors = dict(tensors)
   for name, shape in tables.items():
-    if name not in tensors:
-      raise WeightsError(f"{source}: missing tensor {name!r} (shape {shape})")
-    if tuple(tensors[name].shape) != shape:
-      raise WeightsError(
-        f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but {implied_by} "
-        f"implies {shape}"
-      )
+    check_tensor(tensors, name, shape, source, implied_by)
     tensors[name] = tensors[name].T
   rows = tuple((n, p, s[::-1] if n in tables else s) for n, p, s in rows)
   return params_from_tensors(tensors, rows, _param_shapes(config), source, implied_by)
@@ -228,7 +227,7 @@ def _sd1(tensors: dict, prefix: str, source: str, heads: int | None, options: di
     max_position_embeddings=positions,
     hidden_act="quick_gelu",
   )
-  return config, _params(tensors, config, prefix, source, "the other tensors")
+  return config, _params(tensors, config, prefix, source, "the rest of the file")
 
 
 def _from_open_clip(tensors: dict, config: ClipTextConfig, resblocks: int, source: str) -> dict:
@@ -255,13 +254,7 @@ def _from_open_clip(tensors: dict, config: ClipTextConfig, resblocks: int, sourc
       expected[f"transformer.resblocks.{i}.{layer}{sep}weight"] = shape
       expected[f"transformer.resblocks.{i}.{layer}{sep}bias"] = shape[:1]
   for name, shape in expected.items():
-    if name not in tensors:
-      raise WeightsError(f"{source}: missing tensor {_SD2_PREFIX + name!r} (shape {shape})")
-    if tuple(tensors[name].shape) != shape:
-      raise WeightsError(
-        f"{source}: tensor {_SD2_PREFIX + name!r} has shape {tuple(tensors[name].shape)}, but "
-        f"the other tensors imply {shape}"
-      )
+    check_tensor(tensors, name, shape, source, "the rest of the file", _SD2_PREFIX + name)
   for name, tensor in tensors.items():
     if name not in expected and name not in _OPEN_CLIP_UNUSED:
       raise WeightsError(
@@ -305,7 +298,7 @@ def _sd2(tensors: dict, source: str, heads: int | None, options: dict):
     hidden_act="gelu",
   )
   renamed = _from_open_clip(tensors, config, resblocks, source)
-  return config, _params(renamed, config, PREFIX, source, "the other tensors")
+  return config, _params(renamed, config, PREFIX, source, "the rest of the file")
 
 
 def load_ldm_text_encoder(path: str, *, num_attention_heads: int | None = None, **options):

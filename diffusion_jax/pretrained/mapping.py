@@ -46,6 +46,24 @@ def to_torch(param, shape: tuple[int, ...]) -> np.ndarray:
   return x
 
 
+def check_tensor(
+  tensors: dict, name: str, shape: tuple[int, ...], source: str, implied_by: str, shown: str = ""
+) -> None:
+  """Raises a one-line WeightsError unless tensors[name] exists with `shape`.
+
+  Args:
+    shown: the name as the file spells it, when it differs from `name` (a stripped prefix).
+  """
+  shown = shown or name
+  if name not in tensors:
+    raise WeightsError(f"{source}: missing tensor {shown!r} (shape {shape})")
+  if tuple(tensors[name].shape) != shape:
+    raise WeightsError(
+      f"{source}: tensor {shown!r} has shape {tuple(tensors[name].shape)}, but {implied_by} "
+      f"implies {shape}"
+    )
+
+
 def params_from_tensors(
   tensors: dict[str, np.ndarray],
   rows: tuple[Row, ...],
@@ -69,13 +87,7 @@ def params_from_tensors(
     WeightsError: a missing tensor, a wrong shape or an unexpected tensor; one line naming it.
   """
   for name, _, shape in rows:
-    if name not in tensors:
-      raise WeightsError(f"{source}: missing tensor {name!r} (shape {shape})")
-    if tuple(tensors[name].shape) != shape:
-      raise WeightsError(
-        f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but {implied_by} "
-        f"implies {shape}"
-      )
+    check_tensor(tensors, name, shape, source, implied_by)
   known = {name for name, _, _ in rows}
   for name, tensor in tensors.items():
     if name not in known:

@@ -406,7 +406,7 @@ def load_ldm_unet(path: str, *, num_heads=8, head_dim=None, num_groups: int = 32
   )
   linear = tensors["middle_block.1.proj_in.weight"].ndim == 2
   rows = weight_map(config, linear, "ldm")
-  params = params_from_tensors(tensors, rows, _param_shapes(config), path, "the other tensors")
+  params = params_from_tensors(tensors, rows, _param_shapes(config), path, "the rest of the file")
   return LatentUNet(config), params, {"linear_projection": linear, "sample_size": None}
 
 

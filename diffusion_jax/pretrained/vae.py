@@ -352,7 +352,7 @@ def load_ldm_vae(
   config = _ldm_config(tensors, num_groups, path, options)
   return (
     Autoencoder(config),
-    _params(tensors, config, "ldm", path, "the other tensors"),
+    _params(tensors, config, "ldm", path, "the rest of the file"),
     scaling_factor,
   )
 
