@@ -47,7 +47,9 @@ def _inpaint(pipe, ref, **options):
   return pipe.sample(PROMPTS, **inputs, init_latents=ref["inpaint_noise"], **RUN, **options)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+# Strength 1.0 (a start from pure noise, 1.8e-6 by hand) differs from 0.6 only in that start,
+# which the 9-channel test below runs; one compile fewer.
+@pytest.mark.parametrize("strength", [0.6])
 def test_blending_in_latent_space_matches_diffusers(pipes, reference, strength):
   pipe = pipes["sd1"]
   latents = _inpaint(pipe, reference, strength=strength)
