@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +22,12 @@ from run_files import load_state
 
 from configs import stable_diffusion_finetune
 from diffusion_jax.experiment import finetune, pretrained_mode, train
+from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.models import LatentUNet, LatentUNetConfig
 from diffusion_jax.pretrained import load_pretrained, save_unet
+from diffusion_jax.runtime.errors import ConfigError
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd_pipelines"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square", "a red square", "a blue circle"]
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -129,28 +128,16 @@ def test_a_folder_without_captions_is_a_one_line_error(tmp_path, published):
 
 
 @pytest.mark.parametrize(
-  ("overrides", "message"),
+  ("field", "value", "message"),
   [
-    (["--config.pretrained=/nonexistent/sd"], "config.pretrained: /nonexistent/sd: no such"),
-    (["--config.train.num_grid_samples=4"], "train.num_grid_samples must be 0"),
-    (["--config.data.image_size=18"], "data.image_size=18 must be a multiple of 4"),
+    ("pretrained", "/nonexistent/sd", "config.pretrained: /nonexistent/sd: no such"),
+    ("train.num_grid_samples", 4, "train.num_grid_samples must be 0"),
+    ("data.image_size", 18, "data.image_size=18 must be a multiple of 4"),
   ],
 )
-def test_bad_fine_tuning_settings_are_one_line_errors(
-  tmp_path, published, captioned, overrides, message
-):
-  command = [
-    sys.executable,
-    "main.py",
-    "--config=stable_diffusion_finetune",
-    f"--config.pretrained={published}",
-    f"--config.data.path={captioned}",
-    "--config.data.image_size=16",
-    f"--workdir={tmp_path / 'run'}",
-    *overrides,
-  ]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and message in last, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
+def test_bad_fine_tuning_settings_are_named(published, captioned, field, value, message):
+  config = _config(published, captioned, 1)
+  section, _, key = field.rpartition(".")
+  (config[section] if section else config)[key] = value
+  with pytest.raises(ConfigError, match=message):
+    run_lib.make_run(config)
