@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import attention, layers
+from diffusion_jax.models import layers
 from diffusion_jax.models.fast import FastPaths
-from diffusion_jax.models.transformer import SpatialTransformer
+from diffusion_jax.models.transformer import ATTENTION_IMPLS, SpatialTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,13 @@ class LatentUNetConfig:
     flip_sin_to_cos: the timestep embedding puts the cosines first.
     freq_shift: the embedding's frequencies are 10000 ** (-i / (half - freq_shift)).
     dtype: compute dtype name; parameters stay float32.
-    attention: "plain" or "fused" (`attention.attention`).
-    conv: the 3x3 convolutions of the ResBlocks (`layers.conv3x3`).
+    attention: "plain" or "fused" (`attention.attention`), or "chunked"
+      (`transformer.chunked_attention`: one head and block of queries at a time; on a CPU the
+      fastest, and the least memory).
+    conv: the 3x3 convolutions of the ResBlocks (`layers.conv3x3`): one value for all levels,
+      or one per level (conv_in and conv_out take the first level's). On a CPU at inference,
+      Winograd is faster than XLA's convolution on the first level's 64x64 maps and slower on
+      the smaller ones: ("winograd", "xla", "xla", "xla").
     subpixel_upsample: compute each upsampling convolution at the low resolution.
   """
 
@@ -61,11 +66,21 @@ class LatentUNetConfig:
   freq_shift: float = 0.0
   dtype: str = "float32"
   attention: str = "plain"
-  conv: str = "xla"
+  conv: str | tuple[str, ...] = "xla"
   subpixel_upsample: bool = True
 
   def __post_init__(self):
     levels = len(self.block_channels)
+    convs = (self.conv,) if isinstance(self.conv, str) else tuple(self.conv)
+    if not isinstance(self.conv, str):
+      object.__setattr__(self, "conv", convs)
+      if len(convs) != levels:
+        raise ValueError(
+          f"conv={convs} needs one entry per level of block_channels={self.block_channels}"
+        )
+    for conv in convs:
+      if conv not in layers.CONV_IMPLS:
+        raise ValueError(f"conv={conv!r} is not one of {layers.CONV_IMPLS}")
     for field in ("cross_attention", "num_heads", "transformer_layers"):
       if len(getattr(self, field)) != levels:
         raise ValueError(
@@ -78,8 +93,8 @@ class LatentUNetConfig:
           f"block_channels[{level}]={width} must be divisible by num_groups={self.num_groups} "
           f"and num_heads[{level}]={heads}"
         )
-    if self.attention not in attention.ATTENTION_IMPLS:
-      raise ValueError(f"attention={self.attention!r} is not one of {attention.ATTENTION_IMPLS}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float):
@@ -154,9 +169,12 @@ class LatentUNet(nn.Module):
     dense = lambda name: layers.dense(4 * cfg.block_channels[0], dtype, name)
     emb = dense("time_embedding/linear_2")(nn.swish(dense("time_embedding/linear_1")(emb)))
 
-    def resnet(h, channels, name):
+    conv = lambda level: cfg.conv if isinstance(cfg.conv, str) else cfg.conv[level]
+
+    def resnet(h, level, name):
+      channels, eps = cfg.block_channels[level], cfg.norm_eps
       block = layers.ResBlock(
-        channels, 0.0, cfg.num_groups, dtype, cfg.conv, fast, cfg.norm_eps, name=name
+        channels, 0.0, cfg.num_groups, dtype, conv(level), fast, eps, name=name
       )
       return block(h, emb)
 
@@ -172,26 +190,26 @@ class LatentUNet(nn.Module):
       return block(h, context)
 
     levels = len(cfg.block_channels)
-    skips = [layers.conv3x3(cfg.block_channels[0], dtype, "conv_in", conv=cfg.conv)(x)]
-    for level, channels in enumerate(cfg.block_channels):
+    skips = [layers.conv3x3(cfg.block_channels[0], dtype, "conv_in", conv=conv(0))(x)]
+    for level in range(levels):
       prefix = f"down_blocks_{level}"
       for i in range(cfg.layers_per_block):
-        h = resnet(skips[-1], channels, f"{prefix}/resnets_{i}")
+        h = resnet(skips[-1], level, f"{prefix}/resnets_{i}")
         if cfg.cross_attention[level]:
           h = transformer(h, level, f"{prefix}/attentions_{i}")
         skips.append(h)
       if level != levels - 1:
         skips.append(Downsample(dtype, name=f"{prefix}/downsamplers_0")(skips[-1]))
 
-    h = resnet(skips[-1], cfg.block_channels[-1], "mid_block/resnets_0")
+    h = resnet(skips[-1], levels - 1, "mid_block/resnets_0")
     h = transformer(h, levels - 1, "mid_block/attentions_0")
-    h = resnet(h, cfg.block_channels[-1], "mid_block/resnets_1")
+    h = resnet(h, levels - 1, "mid_block/resnets_1")
 
     for k, level in enumerate(reversed(range(levels))):
       prefix = f"up_blocks_{k}"
       for i in range(cfg.layers_per_block + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = resnet(h, cfg.block_channels[level], f"{prefix}/resnets_{i}")
+        h = resnet(h, level, f"{prefix}/resnets_{i}")
         if cfg.cross_attention[level]:
           h = transformer(h, level, f"{prefix}/attentions_{i}")
       if level:
@@ -199,5 +217,5 @@ class LatentUNet(nn.Module):
         h = up(h)
 
     h = layers.group_norm(cfg.num_groups, dtype, "conv_norm_out", "swish", fast, cfg.norm_eps)(h)
-    h = layers.conv3x3(cfg.out_channels, dtype, "conv_out", conv=cfg.conv)(h)
+    h = layers.conv3x3(cfg.out_channels, dtype, "conv_out", conv=conv(0))(h)
     return h.astype(jnp.float32)

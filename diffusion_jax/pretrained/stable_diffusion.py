@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.autoencoder import Autoencoder
+from diffusion_jax.models.latent_unet import LatentUNet
 from diffusion_jax.pretrained import clip, scheduler, unet, vae
 from diffusion_jax.pretrained.files import WeightsError
 from diffusion_jax.sampling import samplers
@@ -329,6 +330,16 @@ def _latent_mask(mask: jax.Array, latent_shape) -> jax.Array:
   return mask[:, ::fy, ::fx]
 
 
+def for_the_cpu(net: LatentUNet, ae: Autoencoder) -> tuple[LatentUNet, Autoencoder]:
+  """The same networks computed the fastest way measured on a CPU: the U-Net's chunked
+  attention, Winograd's convolutions at its first level and in the whole VAE
+  (benchmarks/results/pretrained_speed.md). Parameters are unchanged."""
+  levels = len(net.config.block_channels)
+  conv = ("winograd",) + ("xla",) * (levels - 1)
+  net = LatentUNet(dataclasses.replace(net.config, attention="chunked", conv=conv))
+  return net, Autoencoder(dataclasses.replace(ae.config, conv="winograd"))
+
+
 def load_stable_diffusion(
   path: str, *, components: str | None = None, dtype: str = "float32", **single_file
 ) -> StableDiffusion:
@@ -342,6 +353,8 @@ def load_stable_diffusion(
     **single_file: what a single file's shapes cannot tell: `num_heads` or `head_dim` of the
       U-Net (1.x: 8 heads, the default; 2.x: head_dim=64), `num_groups` of the U-Net and VAE
       (32), `text_heads` of the text encoder (default: width / 64).
+
+  On a CPU the networks compute as `for_the_cpu` says.
 
   Raises:
     WeightsError: a missing or unreadable part, one line naming it.
@@ -370,6 +383,8 @@ def load_stable_diffusion(
     heads = single_file.get("text_heads")
     text, text_params = clip.load_ldm_text_encoder(path, num_attention_heads=heads, dtype=dtype)
     folder = components
+  if jax.default_backend() == "cpu":
+    net, ae = for_the_cpu(net, ae)
   tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
   params = jax.device_put({"unet": unet_params, "vae": vae_params, "text": text_params})
   return StableDiffusion(
