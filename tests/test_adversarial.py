@@ -2,6 +2,7 @@
 loss and adaptive weight, the LPIPS weighting, and training and resuming with a discriminator."""
 
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -130,10 +131,11 @@ def test_training_with_a_discriminator_resumes_exactly(tmp_path):
     "train.sample_every": 0,
     "train.num_grid_samples": 0,
   }
-  straight = ae_config(**overrides)
+  straight = ae_config(**{**overrides, "train.checkpoint_every": 2})
   train.train_and_evaluate(straight, str(tmp_path / "straight"))
-  train.train_and_evaluate(
-    ae_config(**{**overrides, "train.num_steps": 2}), str(tmp_path / "parts")
+  # A run stopped after 2 steps is its step-2 checkpoint; resumed, it trains on to 4.
+  shutil.copytree(
+    tmp_path / "straight" / "checkpoints" / "2", tmp_path / "parts" / "checkpoints" / "2"
   )
   metrics = train.train_and_evaluate(straight, str(tmp_path / "parts"))
   assert {"g_loss", "d_loss", "d_weight", "logits_real", "logits_fake"} <= set(metrics)

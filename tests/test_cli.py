@@ -157,8 +157,10 @@ ERROR_CASES = {
 
 @pytest.fixture(scope="module")
 def error_runs(tmp_path_factory):
-  """Runs every error case at once; name -> (CompletedProcess, workdir)."""
-  processes = {}
+  """Runs every error case at once, each a child forked from one process that imported the CLI
+  (tests/cli_cases.py); name -> (CompletedProcess, workdir)."""
+  cases, workdirs = [], {}
+  outputs = tmp_path_factory.mktemp("outputs")
   for name, (args, extra_env, _) in ERROR_CASES.items():
     workdir = tmp_path_factory.mktemp(name) / "run"
     if name == "sample_without_checkpoint":
@@ -166,8 +168,27 @@ def error_runs(tmp_path_factory):
     if name == "workdir_is_not_a_directory":
       workdir = workdir.parent / "a_file" / "run"
       workdir.parent.write_text("not a directory")
-    processes[name] = (start([*args, f"--workdir={workdir}"], cli_env(**extra_env)), workdir)
-  return {name: (finish(process), workdir) for name, (process, workdir) in processes.items()}
+    workdirs[name] = workdir
+    out, err = str(outputs / f"{name}.out"), str(outputs / f"{name}.err")
+    cases.append(
+      {"argv": [*args, f"--workdir={workdir}"], "env": extra_env, "stdout": out, "stderr": err}
+    )
+  runner = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "cli_cases.py")],
+    input=json.dumps(cases),
+    capture_output=True,
+    text=True,
+    env=cli_env(),
+    timeout=TIMEOUT_S,
+  )
+  assert runner.returncode == 0, runner.stderr
+  results = {}
+  for (name, (args, _, _)), case, code in zip(
+    ERROR_CASES.items(), cases, json.loads(runner.stdout), strict=True
+  ):
+    output = [pathlib.Path(case[k]).read_text() for k in ("stdout", "stderr")]
+    results[name] = (subprocess.CompletedProcess(args, code, *output), workdirs[name])
+  return results
 
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))

@@ -54,10 +54,11 @@ def test_forward_and_gradients_equal_flax_in_float64(shape, num_groups, act, rec
       x, s, b, num_groups, 1e-6, act, recompute_dz=recompute
     )
     ref = lambda x, s, b: reference(x, s, b, num_groups, act)
-    np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-12, atol=1e-12)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
-    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(*args)
-    expected = jax.grad(loss(ref), argnums=(0, 1, 2))(*args)
+    # Each side compiled as one program: op by op, every shape compiles each primitive anew.
+    both = lambda f: jax.jit(lambda *a: (f(*a), jax.grad(loss(f), argnums=(0, 1, 2))(*a)))
+    (out, grads), (want_out, expected) = both(ours)(*args), both(ref)(*args)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
     for actual, want in zip(grads, expected, strict=True):
       assert actual.dtype == jnp.float64
       np.testing.assert_allclose(actual, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
@@ -79,10 +80,13 @@ def test_parts_are_normalised_as_their_concatenation(widths, act, recompute):
       parts, s, b, num_groups, 1e-6, act, recompute_dz=recompute
     )
     ref = lambda parts, s, b: reference(jnp.concatenate(parts, -1), s, b, num_groups, act)
-    np.testing.assert_allclose(ours(parts, scale, bias), ref(parts, scale, bias), rtol=1e-12)
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
-    grads = jax.grad(loss(ours), argnums=(0, 1, 2))(parts, scale, bias)
-    expected = jax.grad(loss(ref), argnums=(0, 1, 2))(parts, scale, bias)
+    both = lambda f: jax.jit(lambda *a: (f(*a), jax.grad(loss(f), argnums=(0, 1, 2))(*a)))
+    (out, grads), (want_out, expected) = (
+      both(ours)(parts, scale, bias),
+      both(ref)(parts, scale, bias),
+    )
+    np.testing.assert_allclose(out, want_out, rtol=1e-12)
     assert [g.shape for g in grads[0]] == [p.shape for p in parts]
     for actual, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
       np.testing.assert_allclose(actual, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())

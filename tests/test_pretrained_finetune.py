@@ -79,8 +79,12 @@ def _config(published, captioned, num_steps: int):
 
 def test_fine_tuning_resumes_exactly_and_exports_a_diffusers_folder(tmp_path, published, captioned):
   five = _config(published, captioned, 5)
+  five.train.checkpoint_every = 3
   train.train_and_evaluate(five, str(tmp_path / "straight"))
-  train.train_and_evaluate(_config(published, captioned, 3), str(tmp_path / "parts"))
+  # A run stopped after 3 steps is its step-3 checkpoint; resumed, it trains on to 5.
+  shutil.copytree(
+    tmp_path / "straight" / "checkpoints" / "3", tmp_path / "parts" / "checkpoints" / "3"
+  )
   metrics = train.train_and_evaluate(five, str(tmp_path / "parts"))
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   a = load_state(five, str(tmp_path / "straight"))

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-from scipy import stats
 
 from diffusion_jax import evaluation
 
@@ -130,6 +129,8 @@ def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict:
     n = len(values)
     mean = float(values.mean())
     if n > 1:
+      from scipy import stats  # on first use: scipy.stats takes 0.6 s to import
+
       std = float(values.std(ddof=1))
       half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * std / math.sqrt(n)
       low, high = mean - half, mean + half

@@ -10,9 +10,6 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from matplotlib import ticker
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 FIGSIZE = (10.0, 7.0)  # inches
 DPI = 100  # so the PNG is 1000 x 700 pixels
@@ -82,6 +79,8 @@ def _auto_weight(values: np.ndarray) -> float:
 def _log_y(ax, values: np.ndarray) -> None:
   """A log y-axis; over at most 3 decades ticks at 1, 2 and 5 times powers of ten, as plain
   numbers, so a curve within one or two decades still has several labelled levels."""
+  from matplotlib import ticker  # on first use: matplotlib takes 0.4 s to import
+
   ax.set_yscale("log")
   if np.log10(values.max() / values.min()) <= 3:
     ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -146,6 +145,9 @@ def write_metrics_plot(workdir_or_runs: str | Mapping[str, str], path: str) -> s
   if not runs:
     return None
   panels = [p for p in PANELS if p[0] == "loss" or any(p[0] in m for m in runs.values())]
+
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
   FigureCanvasAgg(fig)
