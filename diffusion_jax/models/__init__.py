@@ -18,6 +18,7 @@ from jax.tree_util import tree_map
 from diffusion_jax.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from diffusion_jax.models.clip_text import ClipTextConfig, ClipTextModel
 from diffusion_jax.models.fast import FastPaths
+from diffusion_jax.models.inception import FIDInceptionV3
 from diffusion_jax.models.latent_unet import LatentUNet, LatentUNetConfig
 from diffusion_jax.models.text_encoder import TextEncoder, TextEncoderConfig, text_config_from
 from diffusion_jax.models.unet import (
@@ -37,6 +38,7 @@ __all__ = [
   "ClipTextConfig",
   "ClipTextModel",
   "DiagonalGaussian",
+  "FIDInceptionV3",
   "FastPaths",
   "LatentUNet",
   "LatentUNetConfig",

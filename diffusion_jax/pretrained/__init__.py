@@ -20,6 +20,7 @@ from diffusion_jax.pretrained.ddpm_unet import (
   save_ddpm_unet,
 )
 from diffusion_jax.pretrained.files import WeightsError, read_config, read_safetensors
+from diffusion_jax.pretrained.inception import load_fid_inception, read_torch_state_dict
 from diffusion_jax.pretrained.pipeline import PIPELINES, load_pretrained
 from diffusion_jax.pretrained.scheduler import SchedulerConfig, inference_timesteps, load_scheduler
 from diffusion_jax.pretrained.stable_diffusion import StableDiffusion, load_stable_diffusion
@@ -59,6 +60,7 @@ __all__ = [
   "diffusers_vae_config",
   "inference_timesteps",
   "load_ddpm",
+  "load_fid_inception",
   "load_ddpm_unet",
   "load_ldm_text_encoder",
   "load_ldm_unet",
@@ -71,6 +73,7 @@ __all__ = [
   "load_vae",
   "read_config",
   "read_safetensors",
+  "read_torch_state_dict",
   "save_ddpm_unet",
   "save_text_encoder",
   "save_unet",
