@@ -253,5 +253,19 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.timesteps_per_call = 1  # Timesteps per network call: fewer, bigger calls.
   evaluation.clip_x0 = True  # Clip the predicted x0 to [-1, 1] (keeps the bound valid).
   evaluation.seed = 0  # The noise of image i depends only on (seed, i).
+  # What --mode=eval reports: "bpd" (the bound above) and/or the sample-quality figures "fid",
+  # "kid", "is" (Inception Score), "pr" (precision/recall), comma-separated. These score
+  # num_samples images drawn with the sample.* settings, or the images of `images`, against the
+  # reference; they need pytorch-fid's Inception weights (README, "Sample quality").
+  evaluation.metrics = "bpd"
+  evaluation.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth (or .npz/.safetensors)
+  evaluation.num_samples = 10_000  # Samples drawn and scored.
+  evaluation.images = ""  # A folder of pictures or a .npz ("samples") scored instead of samples.
+  # The reference: a statistics .npz (TTUR's mu and sigma; FID only), a folder of pictures, or
+  # "" for the run's data set (split reference_split, at most num_reference images), cached.
+  evaluation.reference = ""
+  evaluation.reference_split = "train"
+  evaluation.num_reference = 50_000
+  evaluation.kid_subset_size = 1000  # torch-fidelity's default (smaller sets: their size)
 
   return config

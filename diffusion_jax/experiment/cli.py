@@ -263,8 +263,26 @@ def _pretrained(config, workdir: str, mode: str) -> None:
 def _evaluate(config, workdir: str) -> None:
   import jax
 
-  from diffusion_jax.experiment import autoencoder, eval_mode, run, saved_config, settings
+  from diffusion_jax.experiment import (
+    autoencoder,
+    eval_mode,
+    quality_mode,
+    run,
+    saved_config,
+    settings,
+  )
   from diffusion_jax.runtime.errors import ConfigError
+
+  metrics = quality_mode.parse_metrics(config.eval.metrics)
+  if config.eval.images or set(metrics) - {"bpd"}:
+    result, path = quality_mode.evaluate(config, workdir)
+    if jax.process_index() == 0:
+      for name in quality_mode.FIGURES:
+        if name in result:
+          print(f"{name} {result[name]:.6g}")
+      print(f"{result['num_images']} images scored: {path}")
+    if config.eval.images or "bpd" not in metrics:
+      return
 
   if config.model.name == settings.STABLE_DIFFUSION:
     raise ConfigError("a Stable Diffusion fine-tuning run has no --mode=eval; --mode=sample draws")

@@ -39,13 +39,40 @@ def _progress(config: ml_collections.ConfigDict) -> generate.SampleProgress:
   return generate.SampleProgress(show=config.train.progress)
 
 
-def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
+def _restore(run: run_lib.Run, workdir: str):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
   store = checkpoints.CheckpointStore(directory)
   state = run_lib.restore_or_init(run, store)
   store.close()
+  return state
+
+
+def draw(config: ml_collections.ConfigDict, workdir: str, count: int) -> tuple[np.ndarray, int]:
+  """`count` samples of the latest checkpoint with the sample.* settings, nothing written: a
+  conditional model draws its prompts (`prompts`) in turn, with guidance sample.guidance_scale.
+
+  Returns:
+    (uint8 samples [count, H, W, C], the checkpoint's step).
+  """
+  run = run_lib.make_run(config)
+  state = _restore(run, workdir)
+  key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
+  prompt_list = prompts(run, config)
+  condition = None
+  if prompt_list is not None:
+    picks = np.arange(count) % len(prompt_list)
+    condition = {k: np.asarray(v)[picks] for k, v in run.prompt_condition(prompt_list).items()}
+  sample_fn = run.sample_fn(progress=_progress(config))
+  samples = generate.generate(
+    sample_fn, state.ema_params, key, count, config.sample.batch_size, condition
+  )
+  return samples, int(state.step)
+
+
+def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
+  state = _restore(run, workdir)
   step = int(state.step)
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
   prompt_list = prompts(run, config)

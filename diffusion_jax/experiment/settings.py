@@ -28,6 +28,9 @@ _MINIMA = (
   ("sample.num_samples", 1),
   ("eval.batch_size", 1),
   ("eval.num_examples", 0),
+  ("eval.num_samples", 1),
+  ("eval.num_reference", 2),
+  ("eval.kid_subset_size", 2),
   ("data.image_size", 1),
 )
 
