@@ -124,26 +124,11 @@ def worker(args):
       return
 
 
-class Worker:
-  """A worker process and the conversation with it."""
-
-  def __init__(self, side: str, args, log):
-    python = args.peer_python if side == "pytorch_fid" else sys.executable
-    argv = [python, os.path.abspath(__file__), f"--worker={side}"]
-    argv += [f"--{k}={getattr(args, k)}" for k in ("folder", "threads", "warmup")]
-    self.side = side
-    self.process = subprocess.Popen(
-      argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-    )
-
-  def ask(self, **command) -> dict:
-    if command:
-      self.process.stdin.write(json.dumps(command) + "\n")
-      self.process.stdin.flush()
-    line = self.process.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the {self.side} worker stopped (exit {self.process.wait()})")
-    return json.loads(line)
+def _worker(side: str, args, log) -> timing.Worker:
+  python = args.peer_python if side == "pytorch_fid" else sys.executable
+  argv = [python, os.path.abspath(__file__), f"--worker={side}"]
+  argv += [f"--{k}={getattr(args, k)}" for k in ("folder", "threads", "warmup")]
+  return timing.Worker(side, argv, log)
 
 
 def measure(args, log) -> dict:
@@ -152,7 +137,7 @@ def measure(args, log) -> dict:
   try:
     for side in _SIDES:
       print(f"starting {side}", file=sys.stderr, flush=True)
-      workers[side] = Worker(side, args, log)
+      workers[side] = _worker(side, args, log)
       results[side] = {**workers[side].ask(), "times": [], "rounds": []}
     sides = list(_SIDES)
     for round_index in range(args.rounds):

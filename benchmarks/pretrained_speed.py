@@ -261,26 +261,11 @@ def _process_ticks(pid: int) -> int:
   return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
-class Worker:
-  """A worker process and the conversation with it."""
-
-  def __init__(self, side: str, network: str, args, log):
-    python = args.peer_python if side.startswith("diffusers") else sys.executable
-    argv = [python, os.path.abspath(__file__), f"--worker={side}", f"--network={network}"]
-    argv += [f"--{k}={getattr(args, k)}" for k in _WORKER_FLAGS]
-    self.side = side
-    self.process = subprocess.Popen(
-      argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-    )
-
-  def ask(self, **command) -> dict:
-    if command:
-      self.process.stdin.write(json.dumps(command) + "\n")
-      self.process.stdin.flush()
-    line = self.process.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the {self.side} worker stopped (exit {self.process.wait()})")
-    return json.loads(line)
+def _worker(side: str, network: str, args, log) -> timing.Worker:
+  python = args.peer_python if side.startswith("diffusers") else sys.executable
+  argv = [python, os.path.abspath(__file__), f"--worker={side}", f"--network={network}"]
+  argv += [f"--{k}={getattr(args, k)}" for k in _WORKER_FLAGS]
+  return timing.Worker(side, argv, log)
 
 
 def measure(network: str, sides: list[str], args, log) -> dict:
@@ -289,7 +274,7 @@ def measure(network: str, sides: list[str], args, log) -> dict:
   try:
     for side in sides:
       print(f"{network}: starting {side}", file=sys.stderr, flush=True)
-      workers[side] = Worker(side, network, args, log)
+      workers[side] = _worker(side, network, args, log)
       results[side] = {**workers[side].ask(), "times": [], "rounds": [], "others": []}
     hz = os.sysconf("SC_CLK_TCK")
     for round_index in range(args.rounds):

@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmark scripts: compile time, repeated calls, table cells, and the
-grouping of XLA operations by their JAX source."""
+"""Helpers shared by the benchmark scripts: compile time, repeated calls, table cells, the
+grouping of XLA operations by their JAX source, and the worker processes of side-by-side runs."""
 
+import json
 import math
 import re
 import statistics
+import subprocess
 import time
 
 
@@ -71,3 +73,24 @@ def source_group(source: str) -> str:
   layer = re.sub(r"_?\d+", "", names[-1]) if names else "other"
   layer = re.sub(r"^(down|up|mid)_?block$", "block", layer)
   return f"{phase} {'other' if layer == 'UNet' else layer}"
+
+
+class Worker:
+  """A worker process of a side-by-side benchmark and the conversation with it: one JSON
+  command per line on its stdin, one JSON reply per line on its stdout."""
+
+  def __init__(self, side: str, argv: list[str], log):
+    self.side = side
+    self.process = subprocess.Popen(
+      argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+    )
+
+  def ask(self, **command) -> dict:
+    """Sends `command` (if any) and returns the worker's next reply."""
+    if command:
+      self.process.stdin.write(json.dumps(command) + "\n")
+      self.process.stdin.flush()
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the {self.side} worker stopped (exit {self.process.wait()})")
+    return json.loads(line)

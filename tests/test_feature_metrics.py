@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.evaluation import feature_metrics as fm
+from tests.fixtures.feature_metrics import features
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "feature_metrics" / "reference.npz"
 
@@ -225,22 +226,11 @@ def test_stats_round_trip_and_the_wrong_file_error(tmp_path):
 # ------------------------------------------------------------------ pytorch-fid / torch-fidelity
 
 
-def _fixture_features():
-  """As `features()` in tests/fixtures/feature_metrics/make_fixture.py (keep the two identical)."""
-  num, dim, classes = 300, 64, 1008
-  rng = np.random.RandomState(0)
-  mixing = rng.standard_normal((dim, dim)) / np.sqrt(dim)
-  real = np.abs(rng.standard_normal((num, dim)) @ mixing + 0.5)
-  fake = np.abs(1.1 * rng.standard_normal((num, dim)) @ mixing + 0.6)
-  logits = 3.0 * rng.standard_normal((num, classes))
-  return real.astype(np.float32), fake.astype(np.float32), logits.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def reference():
   with np.load(FIXTURE) as data:
     ref = {key: data[key][()] for key in data.files}
-  real, fake, logits = _fixture_features()
+  real, fake, logits = features.features()
   for key, x in (("real", real), ("fake", fake), ("logits", logits)):
     assert hashlib.sha256(x.tobytes()).hexdigest() == ref[f"sha256_{key}"], f"{key} differs"
   return ref, real, fake, logits
