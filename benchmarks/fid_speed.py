@@ -114,14 +114,12 @@ def worker(args):
   first_s = time.perf_counter() - start
   timing.timed(call, args.warmup - 1, 0)
   reply(compile_s=compile_s, first_s=first_s)
-  for line in sys.stdin:
-    command = json.loads(line)
-    if command["do"] == "time":
-      reply(times=timing.timed(call, 0, command["calls"]))
-    else:
-      np.save(os.path.join(args.folder, f"out_{args.worker}.npy"), output())
-      reply()
-      return
+
+  def finish() -> dict:
+    np.save(os.path.join(args.folder, f"out_{args.worker}.npy"), output())
+    return {}
+
+  timing.serve(call, reply, finish)
 
 
 def _worker(side: str, args, log) -> timing.Worker:

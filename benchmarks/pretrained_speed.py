@@ -232,15 +232,13 @@ def worker(args):
   first_s = time.perf_counter() - start
   timing.timed(call, args.warmup - 1, 0)
   reply(setup_s=setup_s, compile_s=compile_s, first_s=first_s)
-  for line in sys.stdin:
-    command = json.loads(line)
-    if command["do"] == "time":
-      reply(times=timing.timed(call, 0, command["calls"]))
-    else:
-      np.save(os.path.join(args.folder, f"out_{args.network}_{args.worker}.npy"), output())
-      run_peak = _peak_kib()
-      reply(peak_kib=max(load_peak, run_peak), run_peak_kib=run_peak)
-      return
+
+  def finish() -> dict:
+    np.save(os.path.join(args.folder, f"out_{args.network}_{args.worker}.npy"), output())
+    run_peak = _peak_kib()
+    return {"peak_kib": max(load_peak, run_peak), "run_peak_kib": run_peak}
+
+  timing.serve(call, reply, finish)
 
 
 def prepare(args):

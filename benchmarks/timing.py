@@ -6,6 +6,7 @@ import math
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 
@@ -94,3 +95,15 @@ class Worker:
     if not line:
       raise RuntimeError(f"the {self.side} worker stopped (exit {self.process.wait()})")
     return json.loads(line)
+
+
+def serve(call, reply, finish) -> None:
+  """A worker's side of the conversation: {"do": "time", "calls": n} times n calls of `call`
+  and replies {"times": [...]}; any other command replies finish()'s fields and returns."""
+  for line in sys.stdin:
+    command = json.loads(line)
+    if command["do"] == "time":
+      reply(times=timed(call, 0, command["calls"]))
+    else:
+      reply(**finish())
+      return
