@@ -62,7 +62,7 @@ def _ours(args):
 
   from diffusion_jax.pretrained.inception import load_fid_inception
 
-  model, params = load_fid_inception(os.path.join(args.folder, "weights.npz"))
+  model, params = load_fid_inception(os.path.join(args.folder, "weights.npz"), conv=args.conv)
   images = np.load(os.path.join(args.folder, "images.npy"))
   params, images = jax.device_put((params, images))
   holder = {}
@@ -125,7 +125,7 @@ def worker(args):
 def _worker(side: str, args, log) -> timing.Worker:
   python = args.peer_python if side == "pytorch_fid" else sys.executable
   argv = [python, os.path.abspath(__file__), f"--worker={side}"]
-  argv += [f"--{k}={getattr(args, k)}" for k in ("folder", "threads", "warmup")]
+  argv += [f"--{k}={getattr(args, k)}" for k in ("folder", "threads", "warmup", "conv")]
   return timing.Worker(side, argv, log)
 
 
@@ -189,6 +189,7 @@ def parse_args():
   parser.add_argument("--rounds", type=int, default=7, help="alternating rounds")
   parser.add_argument("--calls", type=int, default=1, help="timed calls per side and round")
   parser.add_argument("--warmup", type=int, default=1, help="untimed calls (compile included)")
+  parser.add_argument("--conv", default="auto", help="our 3x3 convolutions (load_fid_inception)")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's threads")
   parser.add_argument("--worker", choices=list(_SIDES), help=argparse.SUPPRESS)
   parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -209,14 +210,8 @@ def main():
     rng = np.random.default_rng(1)
     images = rng.random((args.batch, args.size, args.size, 3), dtype=np.float32)
     np.save(os.path.join(folder, "images.npy"), images)
-    with open(os.path.join(folder, "workers.log"), "w") as log:
-      try:
-        results = measure(args, log)
-      except RuntimeError:
-        log.flush()
-        with open(log.name) as f:
-          sys.stderr.write(f.read()[-5000:])
-        raise
+    with timing.worker_log(os.path.join(folder, "workers.log")) as log:
+      results = measure(args, log)
     versions = subprocess.run(
       [args.peer_python, "-c", "import torch; print(torch.__version__)"],
       capture_output=True,
@@ -227,7 +222,8 @@ def main():
 
   print(
     f"\n{os.cpu_count()} CPUs, float32; jax {jax.__version__}, torch {versions} ({args.threads} "
-    f"threads); batch {args.batch} of {args.size}x{args.size} images resized to 299x299; "
+    f"threads); our 3x3 convolutions: {args.conv}; batch {args.batch} of {args.size}x"
+    f"{args.size} images resized to 299x299; "
     f"{args.rounds} alternating rounds of {args.calls} call(s) per side after {args.warmup} "
     f"warm-up call(s); load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}.\n"
   )

@@ -384,17 +384,11 @@ def main():
   with tempfile.TemporaryDirectory(prefix="pretrained_speed_") as folder:
     args.folder = folder
     np.savez(os.path.join(folder, "inputs.npz"), **inputs())
-    with open(os.path.join(folder, "workers.log"), "w") as log:
+    with timing.worker_log(os.path.join(folder, "workers.log")) as log:
       print("saving diffusers' random models", file=sys.stderr, flush=True)
       argv = [args.peer_python, os.path.abspath(__file__), "--worker=prepare"]
       subprocess.run(argv + [f"--folder={folder}", f"--networks={args.networks}"], check=True)
-      try:
-        results = {network: measure(network, sides, args, log) for network in networks}
-      except RuntimeError:
-        log.flush()
-        with open(log.name) as f:
-          sys.stderr.write(f.read()[-5000:])
-        raise
+      results = {network: measure(network, sides, args, log) for network in networks}
     versions = subprocess.run(
       [
         args.peer_python,

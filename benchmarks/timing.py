@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: compile time, repeated calls, table cells, the
 grouping of XLA operations by their JAX source, and the worker processes of side-by-side runs."""
 
+import contextlib
 import json
 import math
 import re
@@ -95,6 +96,19 @@ class Worker:
     if not line:
       raise RuntimeError(f"the {self.side} worker stopped (exit {self.process.wait()})")
     return json.loads(line)
+
+
+@contextlib.contextmanager
+def worker_log(path: str):
+  """The log file the workers write their stderr to; if a worker stops, its tail is shown."""
+  with open(path, "w") as log:
+    try:
+      yield log
+    except RuntimeError:
+      log.flush()
+      with open(path) as f:
+        sys.stderr.write(f.read()[-5000:])
+      raise
 
 
 def serve(call, reply, finish) -> None:

@@ -91,6 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Text-conditional (model.text.vocab_size > 0): feature-map sizes whose blocks attend to the
   # prompt's token embeddings (cross-attention; also in the middle), e.g. (8, 4).
   model.cross_attn_resolutions = ()
+  # Super-resolution (SR3, Imagen): > 0 conditions the network on a low-resolution image of this
+  # size (a proper divisor of data.image_size), upsampled bilinearly and concatenated to x_t, and
+  # on that image's noise-augmentation level (the `sr` section). Training derives the image from
+  # each batch by averaging blocks of data.image_size / low_res_size pixels, so any data set
+  # works; sampling takes it in the condition (from the data set in grids and --mode=sample).
+  # 0: an ordinary model.
+  model.low_res_size = 0
   # The text encoder trained with the U-Net (a small Transformer over word tokens). Its
   # vocabulary comes from the data set's captions (diffusion_jax/text/tokenizer.py).
   model.text = text = ml_collections.ConfigDict()
@@ -155,6 +162,12 @@ def get_config() -> ml_collections.ConfigDict:
   # pixel between the two on a log scale, improved DDPM; needs model.out_channels = 2 * channels).
   diffusion.variance = "fixed_large"
   diffusion.clip_x0 = True  # Clip the predicted x0 to [-1, 1] in each reverse step.
+  # How every sampler treats the predicted x0 while clip_x0 is true: "static" (clip to [-1, 1]),
+  # "dynamic" (Imagen: s = max(1, the threshold_percentile-th percentile of |x0| over each image),
+  # then clip to [-s, s] and divide by s) or "none". clip_x0=False turns thresholding off
+  # (threshold must then be "static", the default, or "none").
+  diffusion.threshold = "static"
+  diffusion.threshold_percentile = 0.995  # p in (0, 1] of "dynamic" (Imagen: 0.995).
   diffusion.prediction = "eps"  # What the network predicts: "eps" (DDPM), "x0" or "v".
   # Training loss: "simple" (the squared error of the prediction), "hybrid" (simple plus
   # vlb_weight times the variational bound, which then trains only the learned variance; needs
@@ -182,6 +195,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 5000
   train.sample_every = 50_000  # Steps between sample grids (0: only at the end).
   train.num_grid_samples = 64  # Images in each training-time sample grid; 0: no grids.
+  # Steps between sample-quality figures (eval.metrics: fid, kid, is, pr) of train.eval_samples
+  # samples, drawn as --mode=sample does, to WORKDIR/eval_metrics.jsonl; 0: none.
+  train.eval_every = 0
+  train.eval_samples = 1000
   # Training-time grids are previews, drawn with a fast sampler (the file names say which);
   # --mode=sample uses the sample section's sampler. "" here: the sample section's.
   train.grid_sampler = "dpm_solver++"
@@ -242,6 +259,17 @@ def get_config() -> ml_collections.ConfigDict:
   sample.mask = ""
   sample.height = ml_collections.config_dict.placeholder(int)
   sample.width = ml_collections.config_dict.placeholder(int)
+
+  # ---------------------------------------------------------------- sr
+  # Noise-conditioning augmentation of a super-resolution model (model.low_res_size > 0): the
+  # low-resolution input z becomes cos(πs/2) z + sin(πs/2) ε at level s in [0, 1] (0: z itself,
+  # 1: pure noise), and s is an input of the network (diffusion_jax/core/super_resolution.py).
+  config.sr = sr = ml_collections.ConfigDict()
+  # Training draws s ~ U[0, max_train_aug_level] per example (Imagen: the whole of [0, 1]).
+  sr.max_train_aug_level = 1.0
+  # Sampling's level. Some noise makes the model robust to the artefacts of the stage below it
+  # in a cascade (Imagen sweeps 0-0.3); 0 trusts the low-resolution input exactly.
+  sr.aug_level = 0.1
 
   # ---------------------------------------------------------------- eval
   # --mode=eval: the variational bound on the negative log-likelihood in bits per dimension, on

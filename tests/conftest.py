@@ -32,9 +32,10 @@ TINY_OVERRIDES = {
   "sample.num_samples": 4,
 }
 
-# Compilation settings shared by the tests that compile whole training runs: a persistent cache,
-# so that a program compiled once (in this process or in a `main.py` subprocess) is loaded from
-# disk afterwards, and XLA's cheapest backend pipeline (same semantics, much faster to compile).
+# Compilation settings of every test module and of the subprocesses given `fast_compile_env`: a
+# persistent cache, so that a program compiled once (in this process or in a `main.py`
+# subprocess) is loaded from disk afterwards, and XLA's cheapest backend pipeline (same
+# semantics, much faster to compile).
 _CACHE_OPTIONS = {
   "jax_persistent_cache_min_compile_time_secs": 0.0,
   "jax_persistent_cache_min_entry_size_bytes": -1,
@@ -79,9 +80,12 @@ def jax_cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_compilation_cache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def fast_compile(jax_cache_dir):
-  """Turns on the shared compilation cache and cheap compilation for one module; restores after."""
+  """Turns on the shared compilation cache and cheap compilation for each module; restores after.
+
+  Every module gets it: programs compile in less than half the time and compute the same
+  functions (the golden test pins XLA's default pipeline in a process of its own)."""
   options = {"jax_compilation_cache_dir": jax_cache_dir, **_CACHE_OPTIONS}
   previous = {name: _read_option(name) for name in options}
   for name, value in options.items():

@@ -137,3 +137,48 @@ def test_bad_settings_are_one_line_errors(weights_file, fields, message):
   with pytest.raises(ConfigError, match=message) as error:
     quality_mode.evaluate(_config(weights_file, **fields), "/nonexistent")
   assert "\n" not in str(error.value)
+
+
+def test_features_do_not_depend_on_the_batch_size(weights_file, pictures):
+  images = quality_mode.read_images(str(pictures["generated"]))[:3]
+  by_batch = {
+    size: quality_mode.FeatureExtractor(str(weights_file), size)(images, 3, f"batch {size}")
+    for size in (2, 4)  # a full and a padded batch; one padded batch
+  }
+  for name in ("pool", "logits"):
+    a, b = by_batch[2][name], by_batch[4][name]
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_figures_during_training_equal_those_of_eval_mode(
+  weights_file, tiny_config, tmp_path, capsys
+):
+  from diffusion_jax.experiment import train
+
+  config = tiny_config({"train.eval_every": 3, "train.eval_samples": 2})
+  config.train.num_grid_samples = 0
+  config.eval.inception_weights = str(weights_file)
+  config.eval.metrics, config.eval.num_reference, config.eval.kid_subset_size = "kid", 4, 2
+  config.eval.batch_size = config.eval.num_samples = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [3, 6]
+  assert all(set(line) == {"step", "kid", "kid_std"} for line in lines)
+  assert all("loss" in json.loads(line) for line in open(tmp_path / "metrics.jsonl"))
+  assert "step 6: kid " in "".join(capsys.readouterr())
+  # --mode=eval on the last checkpoint draws the same samples: the same figures.
+  result, path = quality_mode.evaluate(config, str(tmp_path))
+  assert path == str(tmp_path / "eval" / "metrics_0000006.json")
+  for name in ("kid", "kid_std"):
+    assert result[name] == pytest.approx(lines[-1][name], rel=1e-6)
+  assert len((tmp_path / "eval_metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_eval_every_needs_a_sample_quality_metric(weights_file, tiny_config, tmp_path):
+  from diffusion_jax.experiment import train
+
+  config = tiny_config({"train.eval_every": 3})
+  config.eval.inception_weights = str(weights_file)
+  with pytest.raises(ConfigError, match="train.eval_every > 0 needs eval.metrics with fid"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -4,6 +4,7 @@ Shapes: x0, x_t, eps are [B, H, W, C] float32 (images in [-1, 1]); t is [B] int3
 Every function is pure; noise comes in as an argument or is drawn from a key passed in.
 """
 
+import numbers
 from collections.abc import Callable
 
 import chex
@@ -19,6 +20,9 @@ VARIANCES = ("fixed_large", "fixed_small", "learned_range")
 # What the network predicts: the noise ε (DDPM), the clean image x0, or the velocity
 # v = √ᾱ_t ε - √(1 - ᾱ_t) x0 (Salimans & Ho 2022).
 PREDICTIONS = ("eps", "x0", "v")
+# How a reverse step treats the predicted x̂0: clip to [-1, 1] ("static"), Imagen's per-sample
+# percentile rescaling ("dynamic", Saharia et al. 2022), or leave it ("none"); `threshold_x0`.
+THRESHOLDS = ("static", "dynamic", "none")
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -216,6 +220,63 @@ def _check_variance(variance: str) -> None:
     raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
 
 
+def check_threshold(threshold: str, percentile: float = 0.995, *, prefix: str = "") -> None:
+  """Raises ValueError (one line) for an unknown threshold or a percentile outside (0, 1].
+
+  Args:
+    threshold: one of THRESHOLDS.
+    percentile: p of dynamic thresholding, a Python number in (0, 1].
+    prefix: put before the field names in the message (e.g. "diffusion.").
+  """
+  if threshold not in THRESHOLDS:
+    raise ValueError(f"{prefix}threshold={threshold!r} is unknown; valid: {', '.join(THRESHOLDS)}")
+  if (
+    isinstance(percentile, bool)
+    or not isinstance(percentile, numbers.Real)
+    or not 0.0 < percentile <= 1.0
+  ):
+    raise ValueError(
+      f"{prefix}threshold_percentile={percentile!r} must be in (0, 1] (Imagen: 0.995)"
+    )
+
+
+def x0_threshold(clip_x0: bool, threshold: str | None) -> str:
+  """The thresholding a sampler applies: `threshold` when given, else the `clip_x0` flag's
+  ("static" for True, "none" for False)."""
+  if threshold is not None:
+    return threshold
+  return "static" if clip_x0 else "none"
+
+
+def threshold_x0(x0: jax.Array, threshold: str = "static", percentile: float = 0.995) -> jax.Array:
+  """x̂0 thresholded before it forms a reverse step.
+
+    "static":  clip(x̂0, -1, 1);
+    "dynamic": s = max(1, p-th percentile of |x̂0| over each sample's elements),
+               clip(x̂0, -s, s) / s                                 (Imagen, Saharia et al. 2022);
+    "none":    x̂0.
+
+  The percentile interpolates linearly between order statistics (NumPy's default). With every
+  |x̂0| <= 1, s = 1 and "dynamic" equals "static".
+
+  Args:
+    x0: [B, ...] float, the predicted clean data.
+    threshold: one of THRESHOLDS (static Python string).
+    percentile: p in (0, 1] for "dynamic" (Imagen: 0.995; 1 rescales by the largest |x̂0|).
+
+  Returns:
+    [B, ...] of x0's dtype; in [-1, 1] unless threshold is "none".
+  """
+  check_threshold(threshold, percentile)
+  if threshold == "none":
+    return x0
+  if threshold == "static":
+    return jnp.clip(x0, -1.0, 1.0)
+  s = jnp.quantile(jnp.abs(x0).reshape(x0.shape[0], -1), percentile, axis=1)
+  s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
+
+
 def p_mean_variance(
   schedule: Schedule,
   model_output: jax.Array,
@@ -225,6 +286,8 @@ def p_mean_variance(
   variance: str = "fixed_large",
   clip_x0: bool = True,
   prediction: str = "eps",
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """p_θ(x_{t-1} | x_t) = N(μ_θ, σ_t² I).
 
@@ -240,8 +303,11 @@ def p_mean_variance(
     t: [B] int timesteps.
     variance: "fixed_large" (σ² = β_t), "fixed_small" (σ² = β̃_t) or "learned_range"
       (`learned_range_log_variance`).
-    clip_x0: clip x̂0 to [-1, 1] before forming the mean.
+    clip_x0: clip x̂0 to [-1, 1] before forming the mean (threshold "static"; False: "none").
     prediction: one of PREDICTIONS.
+    threshold: None (follow `clip_x0`) or one of THRESHOLDS, which then takes precedence
+      (`threshold_x0`).
+    threshold_percentile: p of "dynamic" thresholding, in (0, 1].
 
   Returns:
     (mean [B, ...], variance, log_variance, pred_x0 [B, ...]); the variances are [B, 1, ...] for
@@ -256,8 +322,7 @@ def p_mean_variance(
     log_var = learned_range_log_variance(schedule, t, v)
     var = jnp.exp(log_var)
   pred_x0 = predict_x0(schedule, x_t, t, output, prediction)
-  if clip_x0:
-    pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+  pred_x0 = threshold_x0(pred_x0, x0_threshold(clip_x0, threshold), threshold_percentile)
   mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
   return mean, var, log_var, pred_x0
 

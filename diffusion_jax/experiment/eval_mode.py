@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data, models
-from diffusion_jax.core import likelihood, rng
+from diffusion_jax.core import likelihood, rng, super_resolution
 from diffusion_jax.experiment import latent, settings
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.runtime import checkpoints, parallel
@@ -53,12 +53,22 @@ def make_eval_fn(run: run_lib.Run, batch_size: int):
 
   def eval_fn(params, x0, key_data):
     keys = jax.random.wrap_key_data(key_data)
+    image = {}
+    if run.low_res_size:
+      # A super-resolution model's bound is conditional on the image's clean low-resolution one.
+      low_res = super_resolution.downsample(x0, x0.shape[1] // run.low_res_size)
+      image = {"low_res": low_res, "aug_level": jnp.zeros(x0.shape[:1], jnp.float32)}
 
-    def apply_fn(x_t, t):
+    def apply_fn(x_t, t, **image):
       cond = {k: jnp.broadcast_to(v, (x_t.shape[0], *v.shape[1:])) for k, v in null.items()}
-      return run.model.apply({"params": params}, x_t, t, train=False, **cond)
+      return run.model.apply({"params": params}, x_t, t, train=False, **cond, **image)
 
-    denoise_fn = models.in_chunks(apply_fn, config.model.microbatch, run.mesh.size)
+    chunked = models.in_chunks(apply_fn, config.model.microbatch, run.mesh.size)
+
+    def denoise_fn(x_t, t):
+      # Several timesteps per call stack copies of the batch (`likelihood.bits_per_dim`).
+      copies = x_t.shape[0] // x0.shape[0]
+      return chunked(x_t, t, **{k: jnp.concatenate([v] * copies) for k, v in image.items()})
 
     out = likelihood.bits_per_dim(
       run.schedule,

@@ -10,11 +10,13 @@ inside the sampler's scan): `generate` shows a progress bar and stops within a s
 
 import dataclasses
 import logging as std_logging
+import math
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
@@ -22,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from diffusion_jax import data, models
+from diffusion_jax.core import super_resolution
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.runtime import images, interrupts, parallel
 from diffusion_jax.runtime.errors import SamplingStopped
@@ -121,6 +124,7 @@ def make_sample_fn(
   guidance_scale: float = 1.0,
   num_classes: int = 0,
   microbatch: int = 0,
+  aug_level: float = 0.0,
   progress: SampleProgress | None = None,
   **sampler_options,
 ):
@@ -138,6 +142,10 @@ def make_sample_fn(
     num_classes: the null label of a class-conditional model.
     microbatch: examples per network call on each device (`models.in_chunks`; the config's
       `model.microbatch`); 0 runs the whole batch at once.
+    aug_level: a super-resolution model's noise-augmentation level s in [0, 1] (sr.aug_level):
+      image i's condition["low_res"] is noised to it (or to condition["aug_level"][i] where the
+      condition has levels) with noise from fold_in(key, first_index + i)
+      (`super_resolution.augment`); 0 leaves it as it is.
     progress: report every network call to the host, for `generate`'s progress bar and its stop
       on a signal; None compiles the plain sampler.
     **sampler_options: sampler, num_steps and the sampler's options (prediction, clip_x0,
@@ -147,8 +155,9 @@ def make_sample_fn(
     A jitted function (params, key, first_index, condition) returning uint8 [batch_size, H, W,
     C] in [0, 255] (float32 in about [-1, 1] if not `to_uint8`), sharded over the batch.
     `condition` is {} for an unconditional model, else a dict of [batch_size, ...] arrays
-    (labels or tokens). With `progress`, its attribute `progress` is the host side `generate`
-    uses.
+    (labels or tokens; a super-resolution model's clean "low_res" [batch_size, h, w, C] float32
+    in [-1, 1] and optionally "aug_level" [batch_size], kept in both halves of guidance). With
+    `progress`, its attribute `progress` is the host side `generate` uses.
   """
   parallel.check_batch_size(batch_size, mesh, field="sample.batch_size")
   reporter = None
@@ -164,6 +173,12 @@ def make_sample_fn(
   def sample_fn(params, key, first_index, cond):
     apply_fn = lambda x_t, t, **c: model.apply({"params": params}, x_t, t, train=False, **c)
     apply_fn = models.in_chunks(apply_fn, microbatch, mesh.size)
+    if "low_res" in cond:
+      keys = samplers.per_sample_keys(key, batch_size, first_index)
+      level = cond.get("aug_level", aug_level)  # per image, if the caller gives levels
+      image_cond = super_resolution.augment(cond["low_res"], keys, level=level)
+      cond = {k: v for k, v in cond.items() if k not in image_cond}
+      apply_fn = _with_image_condition(apply_fn, image_cond)
     denoise_fn = guidance.guided(
       apply_fn,
       cond,
@@ -192,6 +207,20 @@ def make_sample_fn(
   if reporter is not None:
     jitted.progress = reporter
   return jitted
+
+
+def _with_image_condition(apply_fn, image_cond: dict[str, jax.Array]):
+  """`apply_fn` with a super-resolution model's image condition appended; guidance's batch of
+  the conditional and unconditional halves gets it twice: Imagen keeps the low-resolution image
+  in both, and guidance drops only the labels or the prompt."""
+  batch = next(iter(image_cond.values())).shape[0]
+
+  def fn(x_t, t, **cond):
+    copies = x_t.shape[0] // batch
+    image = {k: jnp.concatenate([v] * copies) for k, v in image_cond.items()}
+    return apply_fn(x_t, t, **cond, **image)
+
+  return fn
 
 
 def generate(
@@ -273,22 +302,36 @@ def _forget_aborted_call() -> None:
 
 
 def write_samples(
-  workdir: str, name: str, samples: np.ndarray, prompts: list[str] | None = None, **extra
+  workdir: str,
+  name: str,
+  samples: np.ndarray,
+  prompts: list[str] | None = None,
+  low_res: np.ndarray | None = None,
+  **extra,
 ) -> tuple[str, str]:
   """Writes samples/<name>.png (a grid) and samples/<name>.npz (uint8 samples) on process 0.
 
   Args:
     prompts: P prompts when the samples are P equal groups, one per prompt: the grid has a row
       per prompt, labelled with it, and the npz gets "prompts" (str [P]).
+    low_res: a super-resolution model's inputs, [N, h, w, C] float32 in [-1, 1]: the grid shows
+      each one (enlarged, nearest) left of its sample, and the npz gets "low_res" (uint8).
     **extra: more arrays for the npz.
   """
   png = f"{workdir}/samples/{name}.png"
   npz = f"{workdir}/samples/{name}.npz"
   if jax.process_index() == 0:
+    grid, columns = samples, None
+    if low_res is not None:
+      extra["low_res"] = data.denormalize_images(np.asarray(low_res))
+      f = samples.shape[1] // low_res.shape[1]
+      inputs = np.repeat(np.repeat(extra["low_res"], f, axis=1), f, axis=2)
+      grid = np.stack([inputs, samples], axis=1).reshape(-1, *samples.shape[1:])
+      columns = 2 * math.ceil(math.sqrt(len(samples)))
     if prompts is not None:
-      images.save_labelled_grid(png, samples.reshape(len(prompts), -1, *samples.shape[1:]), prompts)
+      images.save_labelled_grid(png, grid.reshape(len(prompts), -1, *grid.shape[1:]), prompts)
       extra["prompts"] = np.asarray(prompts)
     else:
-      images.save_grid(png, samples)
+      images.save_grid(png, grid, columns)
     images.save_npz(npz, samples, **extra)
   return png, npz

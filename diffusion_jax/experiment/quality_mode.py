@@ -34,6 +34,7 @@ from diffusion_jax.experiment import sample_mode, settings
 from diffusion_jax.pretrained import WeightsError, load_fid_inception
 from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.runtime.metric_writer import MetricWriter
 
 METRICS = ("bpd", "fid", "kid", "is", "pr")
 # The figures, in the order --mode=eval prints them.
@@ -230,18 +231,40 @@ def compute(metrics, generated: dict, reference: dict, config) -> dict[str, floa
   return out
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str]:
-  """Scores eval.images, or samples of the run in `workdir`; writes the figures to a JSON file
-  (WORKDIR/eval/metrics_<step>.json, or <images>_metrics.json). Returns (figures, path)."""
+def figures_line(result: dict) -> str:
+  """The figures of a result in FIGURES order: "fid 12.3 kid 0.0123 ..."."""
+  return " ".join(f"{name} {result[name]:.6g}" for name in FIGURES if name in result)
+
+
+def _setup(config: ml_collections.ConfigDict) -> tuple[list[str], FeatureExtractor]:
+  """The metrics asked for (less bpd) and the feature extractor; one-line errors first."""
   metrics = [m for m in parse_metrics(config.eval.metrics) if m != "bpd"]
   if not config.eval.inception_weights:
     raise ConfigError(
       "eval.inception_weights is not set: pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
     )
+  if config.eval.reference.endswith(".npz"):
+    _check_statistics_file(config.eval.reference, metrics)
   try:
-    extractor = FeatureExtractor(config.eval.inception_weights, config.eval.batch_size)
+    return metrics, FeatureExtractor(config.eval.inception_weights, config.eval.batch_size)
   except WeightsError as e:
     raise ConfigError(f"eval.inception_weights: {e}") from None
+
+
+def _write(result: dict, path: str, writer: MetricWriter | None) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+  if writer is not None:
+    writer.write(result["step"], {k: v for k, v in result.items() if k in FIGURES})
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str]:
+  """Scores eval.images, or samples of the run in `workdir`; writes the figures to a JSON file
+  (WORKDIR/eval/metrics_<step>.json and a line of WORKDIR/eval_metrics.jsonl, or
+  <images>_metrics.json). Returns (figures, path)."""
+  metrics, extractor = _setup(config)
   step = None
   if config.eval.images:
     images = read_images(config.eval.images)
@@ -252,15 +275,55 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, str
     images, step = sample_mode.draw(config, workdir, config.eval.num_samples)
     path = os.path.join(workdir, "eval", f"metrics_{step:07d}.json")
     cache_dir = os.path.join(workdir, "eval")
-  if config.eval.reference.endswith(".npz"):
-    _check_statistics_file(config.eval.reference, metrics)
   start = time.time()
   generated = extractor(images, len(images), f"features of {len(images)} images")
   reference = reference_features(config, extractor, cache_dir)
   figures = compute(metrics, generated, reference, config)
   result = {**figures, "num_images": len(images), "step": step, "seconds": time.time() - start}
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+  writer = None if step is None else MetricWriter(workdir, "eval_metrics.jsonl", "eval/")
+  _write(result, path, writer)
+  if writer is not None:
+    writer.close()
   return result, path
+
+
+class DuringTraining:
+  """The figures of eval.metrics on train.eval_samples samples of the EMA parameters, called
+  every train.eval_every steps: WORKDIR/eval/metrics_<step>.json and WORKDIR/eval_metrics.jsonl.
+
+  The samples of every call come from the same noise (`sample_mode.draw_with`), so the figures
+  of two steps differ by the parameters only. The reference features are extracted (or read from
+  the cache) here, before training goes on.
+  """
+
+  @classmethod
+  def every(cls, run, workdir: str, study: bool) -> "DuringTraining | None":
+    """The evaluator of a run with train.eval_every > 0, else None."""
+    if not run.train.eval_every:
+      return None
+    if study or run.is_autoencoder:
+      raise ConfigError("train.eval_every: sample quality is measured in single diffusion runs")
+    return cls(run.config, run, workdir)
+
+  def __init__(self, config: ml_collections.ConfigDict, run, workdir: str):
+    self.config, self.run, self.workdir = config, run, workdir
+    self.metrics, self.extractor = _setup(config)
+    if not self.metrics:
+      raise ConfigError("train.eval_every > 0 needs eval.metrics with fid, kid, is or pr")
+    self.reference = reference_features(config, self.extractor, os.path.join(workdir, "eval"))
+    self.sample_fn = run.sample_fn()
+    self.writer = MetricWriter(workdir, "eval_metrics.jsonl", "eval/")
+
+  def __call__(self, step: int, ema_params) -> str:
+    """Scores the samples of `ema_params` at `step`; returns the figures as one line."""
+    count = self.config.train.eval_samples
+    start = time.time()
+    images = sample_mode.draw_with(self.run, self.sample_fn, ema_params, self.config, count)
+    generated = self.extractor(images, count, f"features of {count} samples")
+    figures = compute(self.metrics, generated, self.reference, self.config)
+    result = {**figures, "num_images": count, "step": step, "seconds": time.time() - start}
+    _write(result, os.path.join(self.workdir, "eval", f"metrics_{step:07d}.json"), self.writer)
+    return figures_line(result)
+
+  def close(self) -> None:
+    self.writer.close()

@@ -21,7 +21,14 @@ from absl import logging
 from diffusion_jax import data, text
 from diffusion_jax.core import rng
 from diffusion_jax.core.schedules import Schedule, make_schedule
-from diffusion_jax.experiment import adversarial, autoencoder, generate, latent, settings
+from diffusion_jax.experiment import (
+  adversarial,
+  autoencoder,
+  generate,
+  latent,
+  low_res_inputs,
+  settings,
+)
 from diffusion_jax.experiment.optim import make_optimizer
 from diffusion_jax.experiment.train_step import TrainState, init_state
 from diffusion_jax.models import condition_kind, fast, make_model
@@ -70,6 +77,9 @@ class Run:
   grid_captions: tuple[str, ...] = ()
   # A fine-tuning run's published model (`pretrained.StableDiffusion`, `finetune.py`).
   pretrained: Any = None
+  # A super-resolution model's input size (model.low_res_size; 0: none) and its `sr` section.
+  low_res_size: int = 0
+  sr: settings.SuperResSettings | None = None
 
   @property
   def is_autoencoder(self) -> bool:
@@ -92,13 +102,17 @@ class Run:
         disc = adversarial.init_state(section, self.train, self.image_shape, disc_key)
       return TrainState(step, params, params, opt_state=self.tx.init(params), discriminator=disc)
     importance_sampling = self.diffusion.t_sampling == "importance"
+    example = self.prompt_condition([""]) if self.cond_kind != "none" else {}
+    if self.low_res_size:
+      low_res_shape = (1, self.low_res_size, self.low_res_size, self.image_shape[-1])
+      example = {**example, "low_res": jnp.zeros(low_res_shape), "aug_level": jnp.zeros(1)}
     return init_state(
       self.model,
       self.tx,
       self.image_shape,
       key,
       t_history_size=self.schedule.num_timesteps if importance_sampling else None,
-      example_condition=self.prompt_condition([""]) if self.cond_kind != "none" else None,
+      example_condition=example or None,
     )
 
   def grid_prompts(self, num_images: int):
@@ -106,14 +120,28 @@ class Run:
 
     An unconditional model draws `num_images` images; a conditional one about as many, spread
     evenly over one prompt per class (at least one image each), with guidance as configured.
+    A super-resolution model enlarges data images (`with_low_res`).
     """
     if self.cond_kind == "none":
-      return None, None, num_images
+      return None, self.with_low_res(None, [None] * num_images), num_images
     prompts = list(self.grid_captions) or [text.class_caption(n) for n in self.class_names]
     per_prompt = max(1, num_images // len(prompts))
     condition = self.prompt_condition(prompts)
     condition = {k: np.repeat(v, per_prompt, axis=0) for k, v in condition.items()}
+    condition = self.with_low_res(condition, [p for p in prompts for _ in range(per_prompt)])
     return prompts, condition, per_prompt * len(prompts)
+
+  def with_low_res(self, condition: dict | None, prompts: list[str | None]) -> dict | None:
+    """`condition` (of len(prompts) examples) with a super-resolution model's "low_res": example
+    j gets the next training image of the class prompt j names (as a class name or caption), or
+    the next image in order (None, or a prompt naming no class), averaged over blocks. Other
+    models: `condition` as it is."""
+    if not self.low_res_size:
+      return condition
+    labels = [_prompt_class(p, self.class_names) for p in prompts]
+    factor = self.image_shape[0] // self.low_res_size
+    low_res = low_res_inputs.from_data(data.make_source(self.data), labels, factor)
+    return {**(condition or {}), "low_res": low_res}
 
   def prompt_condition(self, prompts: list[str]) -> dict[str, np.ndarray]:
     """The condition of each prompt: token ids (text), or the label of the class it names.
@@ -152,10 +180,13 @@ class Run:
       skip=sample.skip,
       variance=self.diffusion.variance,
       clip_x0=self.diffusion.clip_x0,
+      threshold=settings.x0_threshold(self.diffusion),
+      threshold_percentile=float(self.diffusion.threshold_percentile),
       prediction=self.diffusion.prediction,
       guidance_scale=float(sample.guidance_scale),
       num_classes=self.num_classes,
       microbatch=self.config.model.microbatch,
+      aug_level=float(self.sr.aug_level) if self.low_res_size else 0.0,
     )
     options = {**kwargs, **options}
     to_uint8 = options.pop("to_uint8", True)
@@ -285,7 +316,18 @@ def make_run(config: ml_collections.ConfigDict) -> Run:
     class_names=class_names,
     latent=space,
     grid_captions=grid_captions,
+    low_res_size=int(config.model.low_res_size),
+    sr=settings.from_section(settings.SuperResSettings, config.sr, "sr"),
   )
+
+
+def _prompt_class(prompt: str | None, class_names: tuple[str, ...]) -> int | None:
+  """The class a prompt names (its name or caption, any case), or None."""
+  key = " ".join((prompt or "").lower().split())
+  for i, name in enumerate(class_names):
+    if key in (name.lower(), text.class_caption(name).lower()):
+      return i
+  return None
 
 
 def _warn_long_captions(captions: list[str], max_length: int) -> None:

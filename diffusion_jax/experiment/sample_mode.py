@@ -58,17 +58,22 @@ def draw(config: ml_collections.ConfigDict, workdir: str, count: int) -> tuple[n
   """
   run = run_lib.make_run(config)
   state = _restore(run, workdir)
+  sample_fn = run.sample_fn(progress=_progress(config))
+  return draw_with(run, sample_fn, state.ema_params, config, count), int(state.step)
+
+
+def draw_with(run: run_lib.Run, sample_fn, params, config, count: int) -> np.ndarray:
+  """`draw`'s samples from given parameters: uint8 [count, H, W, C]; image i depends only on
+  (seed, sample.seed, i) and the parameters."""
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
   prompt_list = prompts(run, config)
   condition = None
   if prompt_list is not None:
     picks = np.arange(count) % len(prompt_list)
     condition = {k: np.asarray(v)[picks] for k, v in run.prompt_condition(prompt_list).items()}
-  sample_fn = run.sample_fn(progress=_progress(config))
-  samples = generate.generate(
-    sample_fn, state.ema_params, key, count, config.sample.batch_size, condition
-  )
-  return samples, int(state.step)
+  listed = prompt_list or [None]
+  condition = run.with_low_res(condition, [listed[i % len(listed)] for i in range(count)])
+  return generate.generate(sample_fn, params, key, count, config.sample.batch_size, condition)
 
 
 def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
@@ -86,6 +91,11 @@ def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, 
     scale = float(config.sample.guidance_scale)
     name += f"_w{scale:g}"
     extra["guidance_scale"] = np.float32(scale)
+  # A super-resolution model enlarges training images (shown and kept with the samples).
+  listed = [p for p in prompt_list or [None] for _ in range(config.sample.num_samples)]
+  condition = run.with_low_res(condition, listed)
+  if run.low_res_size:
+    extra["low_res"] = condition["low_res"]
   start = time.time()
   samples = generate.generate(
     sample_fn, state.ema_params, key, count, config.sample.batch_size, condition

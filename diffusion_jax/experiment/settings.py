@@ -22,6 +22,8 @@ _MINIMA = (
   ("train.checkpoint_every", 1),
   ("train.sample_every", 0),
   ("train.num_grid_samples", 0),
+  ("train.eval_every", 0),
+  ("train.eval_samples", 2),
   ("train.keep_checkpoints", 1),
   ("train.keep_every", 0),
   ("sample.batch_size", 1),
@@ -104,6 +106,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   study_seeds(config)
   sample_seeds(config)
   seed_batching(config)
+  check_super_res(config)
   if config.diffusion.variance not in diffusion.VARIANCES:
     raise ConfigError(
       f"diffusion.variance={config.diffusion.variance!r} is unknown; "
@@ -137,6 +140,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   scale = config.sample.guidance_scale
   if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
     raise ConfigError(f"sample.guidance_scale={scale!r} must be a finite number (e.g. 3)")
+  _check_threshold(config.diffusion)
   if config.diffusion.prediction not in diffusion.PREDICTIONS:
     raise ConfigError(
       f"diffusion.prediction={config.diffusion.prediction!r} is unknown; "
@@ -155,6 +159,17 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ConfigError(
       f"train.steps_per_call={k} cannot be combined with a seed study (seeds="
       f"{config.seeds!r}); set train.steps_per_call=1"
+    )
+
+
+def _check_threshold(section: ml_collections.ConfigDict) -> None:
+  try:
+    diffusion.check_threshold(section.threshold, section.threshold_percentile, prefix="diffusion.")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if not section.clip_x0 and section.threshold == "dynamic":
+    raise ConfigError(
+      "diffusion.threshold='dynamic' needs diffusion.clip_x0=True (False turns thresholding off)"
     )
 
 
@@ -224,6 +239,8 @@ class TrainSettings:
   checkpoint_every: int
   sample_every: int
   num_grid_samples: int
+  eval_every: int
+  eval_samples: int
   grid_sampler: str
   grid_num_steps: int
   keep_checkpoints: int
@@ -245,10 +262,17 @@ class DiffusionSettings:
   cosine_s: float
   variance: str
   clip_x0: bool
+  threshold: str
+  threshold_percentile: float
   prediction: str
   loss: str
   vlb_weight: float
   t_sampling: str
+
+
+def x0_threshold(diffusion_settings: DiffusionSettings) -> str:
+  """The samplers' treatment of x̂0: diffusion.threshold, or "none" when clip_x0 is off."""
+  return diffusion_settings.threshold if diffusion_settings.clip_x0 else "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +291,32 @@ class SampleSettings:
   prompt: str | None
   prompts_file: str
   guidance_scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperResSettings:
+  """The `sr` section: a super-resolution model's noise augmentation (meanings in
+  configs/default.py)."""
+
+  aug_level: float
+  max_train_aug_level: float
+
+
+def check_super_res(config: ml_collections.ConfigDict) -> None:
+  """Checks the `sr` section and where model.low_res_size can be used; raises ConfigError."""
+  for name in ("aug_level", "max_train_aug_level"):
+    if "sr" not in config or name not in config.sr:
+      raise ConfigError(f"the config has no field sr.{name}; build configs on configs/default.py")
+    value = config.sr[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+      raise ConfigError(f"sr.{name}={value!r} must be a number in [0, 1]")
+  if not config.model.get("low_res_size", 0):
+    return
+  if is_latent(config) or config.model.name != "unet":
+    raise ConfigError(
+      f"model.low_res_size={config.model.low_res_size}: super-resolution works on pixels with "
+      "model.name='unet' (not a latent or autoencoder run); set model.low_res_size=0"
+    )
 
 
 S = TypeVar("S")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any
 
 import flax
@@ -20,11 +21,15 @@ from absl import logging
 from diffusion_jax import data
 from diffusion_jax.core import rng
 from diffusion_jax.experiment import autoencoder, generate, latent, latent_cache, settings, studies
+from diffusion_jax.experiment.quality_mode import DuringTraining
 from diffusion_jax.experiment.run import Run, make_run, restore_or_init_seeds
 from diffusion_jax.experiment.train_step import compile_train_step
 from diffusion_jax.runtime import checkpoints, interrupts, parallel, plots
 from diffusion_jax.runtime.errors import SamplingStopped, TrainingStopped
 from diffusion_jax.runtime.metric_writer import MetricWriter
+
+# WORKDIR/metrics.png is redrawn at a checkpoint when it is older than this, and at the end.
+PLOT_EVERY_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -106,6 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   previous_loss = None
   stopped_by = None
+  plotted = time.monotonic()
   with contextlib.ExitStack() as cleanup:
     # Undone in reverse order, also on errors: pending checkpoint saves finish before the exit,
     # and the signal handlers stay until then.
@@ -114,6 +120,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cleanup.callback(writer.close)
       cleanup.callback(store.close)
     cleanup.callback(progress.close)
+    evaluator = DuringTraining.every(run, workdir, study)
+    if evaluator is not None:
+      cleanup.callback(evaluator.close)
     while step < train_config.num_steps:
       # Up to k steps in one call, ending at the next step that logs, saves or samples.
       n = min(steps_per_call, steps_to_event(step, train_config))
@@ -132,24 +141,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log_now = step % train_config.log_every == 0 or is_last or step == start_step + n
       save_now = step % train_config.checkpoint_every == 0 or is_last
       sample_now = train_config.sample_every > 0 and step % train_config.sample_every == 0
+      eval_now = evaluator is not None and step % train_config.eval_every == 0
       # Several processes agree on stopping only at steps where the host waits anyway.
       if jax.process_count() == 1 or log_now or save_now:
         stopped_by = None if is_last else interrupts.stop_agreed(stop)
       if stopped_by:
         # Finish this step: log it and save it (once), but skip its samples to exit quickly.
         log_now = save_now = True
-        sample_now = False
+        sample_now = eval_now = False
       if log_now or save_now:
         last = _host_metrics(metrics, num_seeds)
         _log(step, last, members, writers, stores[0], study)
         progress.set_postfix(loss=f"{np.mean([v['loss'] for v in last]):.4f}", refresh=False)
       if save_now:
         _save(step, state, members, stores, num_seeds)
-        _plot_metrics(workdir, members, study)
+        if is_last or stopped_by or time.monotonic() - plotted >= PLOT_EVERY_SECONDS:
+          _plot_metrics(workdir, members, study)
+          plotted = time.monotonic()
       if (sample_now or is_last) and train_config.num_grid_samples > 0:
         stopped_by = grids.write(step, state.ema_params, stop)
         if stopped_by and not save_now:
           _save(step, state, members, stores, num_seeds)
+      if eval_now and not stopped_by:
+        _say(progress, f"step {step}: {evaluator(step, state.ema_params)}")
       if stopped_by:
         break
   if stopped_by:
@@ -320,7 +334,10 @@ class _GridWriter:
         _say(self.progress, f"{e.signal_name}: the grid of step {step} is skipped")
         return e.signal_name
       name = grid_name(step, run.config)
-      png, _ = generate.write_samples(member.workdir, name, samples, prompts=prompts)
+      low_res = (condition or {}).get("low_res")  # a super-resolution model's inputs
+      png, _ = generate.write_samples(
+        member.workdir, name, samples, prompts=prompts, low_res=low_res
+      )
       _say(self.progress, f"wrote {png}")
     return None
 
@@ -396,7 +413,12 @@ def _meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
 
 
 def steps_to_event(step: int, train_config: settings.TrainSettings) -> int:
-  """Steps from `step` to the next one that logs, saves, samples or ends (>= 1)."""
-  periods = [train_config.log_every, train_config.checkpoint_every, train_config.sample_every]
+  """Steps from `step` to the next one that logs, saves, samples, evaluates or ends (>= 1)."""
+  periods = [
+    train_config.log_every,
+    train_config.checkpoint_every,
+    train_config.sample_every,
+    train_config.eval_every,
+  ]
   gaps = [p - step % p for p in periods if p > 0]
   return max(1, min([*gaps, train_config.num_steps - step]))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax import data
-from diffusion_jax.core import importance, losses, rng
+from diffusion_jax.core import importance, losses, rng, super_resolution
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.experiment.optim import flat_copy_and_norm, global_norm, learning_rate_schedule
 from diffusion_jax.experiment.settings import TrainSettings
@@ -82,6 +82,8 @@ def train_step(
   cond_kind: str = "none",
   cond_drop_prob: float = 0.0,
   num_classes: int = 0,
+  low_res_size: int = 0,
+  max_aug_level: float = 1.0,
   param_norm: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the training loss; pure.
@@ -100,6 +102,10 @@ def train_step(
     cond_drop_prob: the probability that an example's condition is replaced by the null one
       (drawn from the example's key), which trains the unconditional model for guidance.
     num_classes: the null label of a class-conditional model.
+    low_res_size: > 0 trains a super-resolution model (model.low_res_size): its low-resolution
+      input is the batch's image averaged over blocks (`super_resolution.downsample`) and noised
+      to a level s ~ U[0, max_aug_level] drawn from the example's key (`super_resolution.augment`).
+    max_aug_level: the largest augmentation level drawn (sr.max_train_aug_level).
     param_norm: include the metric param_norm (one pass over the parameters); the jitted step
       of `compile_train_step` adds it once per call instead.
 
@@ -118,6 +124,10 @@ def train_step(
   loss_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
   cond = guidance.from_batch(cond_kind, batch)
   cond = guidance.drop(cond, keys, cond_drop_prob, num_classes)
+  if low_res_size:
+    # Never dropped: the unconditional model of guidance still sees the low-resolution image.
+    low_res = super_resolution.downsample(x0, x0.shape[1] // low_res_size)
+    cond = {**cond, **super_resolution.augment(low_res, keys, max_level=max_aug_level)}
   t_probs = None if state.t_history is None else importance.probabilities(state.t_history)
   loss_options = dict(
     loss_type=loss_type,
@@ -214,6 +224,8 @@ def compile_train_step(run: "Run", num_seeds: int | None = None, steps_per_call:
     cond_kind=run.cond_kind,
     cond_drop_prob=run.train.cond_drop_prob,
     num_classes=run.num_classes,
+    low_res_size=run.low_res_size,
+    max_aug_level=run.sr.max_train_aug_level if run.low_res_size else 1.0,
     param_norm=False,
   )
   frozen = None  # inputs the step reads but never changes, passed as its last argument

@@ -120,8 +120,16 @@ def check_model_config(model_config: Any, image_size: int) -> None:
   name = _model_name(model_config)
   if name not in _MODELS:
     raise ValueError(f"model.name={name!r} is not a known model; valid choices: {_MODELS}.")
-  _check_image_size(unet_config_from(model_config), int(image_size))
+  unet = unet_config_from(model_config)
+  _check_image_size(unet, int(image_size))
   condition_kind(model_config)
+  low = unet.low_res_size
+  if low and (low >= image_size or image_size % low):
+    raise ValueError(
+      f"model.low_res_size={low} must be a proper divisor of data.image_size={image_size} (the "
+      f"low-resolution input averages blocks of data.image_size / low_res_size pixels), e.g. "
+      f"{image_size // 4 or 1}"
+    )
 
 
 def make_model(model_config: Any) -> nn.Module:
@@ -136,7 +144,9 @@ def make_model(model_config: Any) -> nn.Module:
     roughly in [-1, 1] and t [B] int32/float32 timesteps, returning [B, H, W, out_channels]
     float32. `train=True` turns dropout on and needs `rngs={"dropout": key}`. A class-conditional
     network (model.num_classes > 0) also takes `labels=` [B] int32, a text-conditional one
-    (model.text.vocab_size > 0) `tokens=` [B, L] int32 (see `condition_kind`).
+    (model.text.vocab_size > 0) `tokens=` [B, L] int32 (see `condition_kind`). A
+    super-resolution network (model.low_res_size > 0) also takes `low_res=` [B, h, w, C] and
+    `aug_level=` [B] float32 (`core.super_resolution`).
 
   Raises:
     ValueError: unknown `model.name` or an invalid field (named in the message).

@@ -17,11 +17,15 @@ by name (`pretrained.inception`). Batch norm keeps torch's four tensors as param
 bias, mean, var): no optimizer should see any of them.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.models.fast import winograd
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -105,6 +109,8 @@ class ConvBN(nn.Module):
     padding: "VALID" or None for torch's symmetric (kh // 2, kw // 2) padding.
     dtype: compute dtype of the convolution; parameters are float32.
     precision: precision of the convolution (None: the backend's default for `dtype`).
+    conv: "xla", or "winograd" / "winograd_large" for Winograd's algorithm in the 3x3
+      convolutions with stride 1 (`fast.winograd`; the "VALID" ones as "SAME" then cropped).
   """
 
   features: int
@@ -113,11 +119,16 @@ class ConvBN(nn.Module):
   padding: str | None = None
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.PrecisionLike = None
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, H', W', features] in `dtype`."""
     padding = self.padding or tuple((k // 2, k // 2) for k in self.kernel)
+    winograd_3x3 = self.conv != "xla" and self.kernel == (3, 3) and self.strides == (1, 1)
+    crop = winograd_3x3 and padding == "VALID"
+    if crop:
+      padding = ((1, 1), (1, 1))
     conv = nn.Conv(
       self.features,
       self.kernel,
@@ -127,9 +138,15 @@ class ConvBN(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       precision=self.precision,
+      conv_general_dilated=(
+        functools.partial(winograd.conv_general_dilated, conv=self.conv) if winograd_3x3 else None
+      ),
       name="conv",
     )
-    return nn.relu(BatchNormInference(name="bn")(conv(x))).astype(self.dtype)
+    y = conv(x)
+    if crop:
+      y = y[:, 1:-1, 1:-1]
+    return nn.relu(BatchNormInference(name="bn")(y)).astype(self.dtype)
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
@@ -147,9 +164,11 @@ class _Block(nn.Module):
 
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.PrecisionLike = None
+  conv_impl: str = "xla"
 
   def conv(self, name: str, features: int, kernel=(1, 1), **kwargs) -> ConvBN:
-    return ConvBN(features, kernel, dtype=self.dtype, precision=self.precision, name=name, **kwargs)
+    settings = {"dtype": self.dtype, "precision": self.precision, "conv": self.conv_impl}
+    return ConvBN(features, kernel, name=name, **settings, **kwargs)
 
 
 class InceptionA(_Block):
@@ -239,10 +258,13 @@ class FIDInceptionV3(nn.Module):
     precision: precision of the convolutions and the fc layer. On GPUs and TPUs the default may
       compute float32 convolutions with reduced-precision products (TF32, bfloat16 passes); pass
       "highest" to match pytorch-fid's float32 numbers there. CPUs compute float32 in full.
+    conv: the 3x3 convolutions with stride 1: "xla", or Winograd's algorithm ("winograd", or
+      "winograd_large" where it is faster on a CPU; `ConvBN`), equal up to float rounding.
   """
 
   dtype: jnp.dtype = jnp.float32
   precision: jax.lax.PrecisionLike = None
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, images: jax.Array, logits: bool = False):
@@ -263,9 +285,10 @@ class FIDInceptionV3(nn.Module):
     x = resize_bilinear(images.astype(jnp.float32), (INPUT_SIZE, INPUT_SIZE))
     x = (2 * x - 1).astype(self.dtype)
     settings = {"dtype": self.dtype, "precision": self.precision}
+    block_settings = {**settings, "conv_impl": self.conv}
 
     def conv(name, features, kernel, **kwargs):
-      return ConvBN(features, kernel, name=name, **settings, **kwargs)
+      return ConvBN(features, kernel, name=name, conv=self.conv, **settings, **kwargs)
 
     x = conv("Conv2d_1a_3x3", 32, (3, 3), strides=(2, 2), padding="VALID")(x)  # 149x149
     x = conv("Conv2d_2a_3x3", 32, (3, 3), padding="VALID")(x)  # 147x147
@@ -275,13 +298,13 @@ class FIDInceptionV3(nn.Module):
     x = conv("Conv2d_4a_3x3", 192, (3, 3), padding="VALID")(x)  # 71x71
     x = _max_pool_3x3(x)  # 35x35
     for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
-      x = InceptionA(pool_features=pool_features, name=name, **settings)(x)
-    x = InceptionB(name="Mixed_6a", **settings)(x)  # 17x17
+      x = InceptionA(pool_features=pool_features, name=name, **block_settings)(x)
+    x = InceptionB(name="Mixed_6a", **block_settings)(x)  # 17x17
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-      x = InceptionC(channels_7x7=c7, name=name, **settings)(x)
-    x = InceptionD(name="Mixed_7a", **settings)(x)  # 8x8
-    x = InceptionE(max_pool=False, name="Mixed_7b", **settings)(x)
-    x = InceptionE(max_pool=True, name="Mixed_7c", **settings)(x)
+      x = InceptionC(channels_7x7=c7, name=name, **block_settings)(x)
+    x = InceptionD(name="Mixed_7a", **block_settings)(x)  # 8x8
+    x = InceptionE(max_pool=False, name="Mixed_7b", **block_settings)(x)
+    x = InceptionE(max_pool=True, name="Mixed_7c", **block_settings)(x)
     pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if not logits:
       return pool

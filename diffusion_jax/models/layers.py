@@ -376,3 +376,35 @@ class Upsample(nn.Module):
     if self.with_conv:
       x = conv3x3(x.shape[-1], self.dtype, "conv")(x)
     return x
+
+
+def upsample_low_res(low_res: jax.Array | None, size: int, shape: tuple[int, ...]) -> jax.Array:
+  """A super-resolution U-Net's low-resolution input, resized bilinearly to its input size.
+
+  Bilinear (half-pixel centres, as improved-diffusion's SuperResModel and PyTorch's
+  interpolate(align_corners=False)) rather than nearest: the network starts from a smooth image
+  and adds detail, instead of first having to undo the blocks' edges. Both are linear and keep
+  every low-resolution pixel's information.
+
+  Args:
+    low_res: [B, size, w, C] float low-resolution images.
+    size: the height the network expects (model.low_res_size).
+    shape: the shape of the network's input x_t, [B, H, W, ...].
+
+  Returns:
+    [B, H, W, C] float32.
+
+  Raises:
+    ValueError: `low_res` is missing or of another batch or height.
+  """
+  if low_res is None:
+    raise ValueError(
+      "this U-Net is a super-resolution model (model.low_res_size > 0): pass low_res"
+    )
+  if low_res.ndim != 4 or low_res.shape[0] != shape[0] or low_res.shape[1] != size:
+    raise ValueError(
+      f"low_res has shape {low_res.shape}; this U-Net expects [{shape[0]}, {size}, w, C] "
+      f"(model.low_res_size={size})"
+    )
+  out_shape = (*shape[:3], low_res.shape[-1])
+  return jax.image.resize(low_res.astype(jnp.float32), out_shape, method="linear")

@@ -66,6 +66,11 @@ class UNetConfig:
       instead of keeping them: less memory for large batches, about one more forward pass of
       compute. The same gradients up to float rounding.
     fast: the blocks' per-backend speed paths (`fast.FastPaths`, the `model.fast` section).
+    low_res_size: > 0 makes the network a super-resolution stage (SR3, Imagen): it also takes a
+      low-resolution image of this height, upsampled bilinearly to the input size and
+      concatenated to x_t before the first convolution, and the level of the noise that image
+      was augmented with (`core.super_resolution`), embedded like the timestep and added to the
+      timestep embedding. 0: no low-resolution input (the plain U-Net, same parameters).
   """
 
   channels: int = 128
@@ -86,6 +91,7 @@ class UNetConfig:
   conv: str = "auto"
   remat: bool = False
   fast: FastPaths = FastPaths()
+  low_res_size: int = 0
 
 
 def unet_config_from(model_config: Any) -> UNetConfig:
@@ -137,6 +143,7 @@ def unet_config_from(model_config: Any) -> UNetConfig:
       conv=str(get("conv")),
       remat=bool(get("remat")),
       fast=fast_paths_from(get("fast")),
+      low_res_size=int(get("low_res_size")),
     )
   _check_fields(config)
   return config
@@ -160,6 +167,10 @@ def _check_fields(config: UNetConfig) -> None:
     )
   if config.conv not in layers.CONV_IMPLS:
     raise ValueError(f"model.conv={config.conv!r} is not one of {layers.CONV_IMPLS}.")
+  if config.low_res_size < 0:
+    raise ValueError(
+      f"model.low_res_size={config.low_res_size} must be >= 0 (0: not a super-resolution model)."
+    )
   if config.num_classes < 0:
     raise ValueError(f"model.num_classes={config.num_classes} must be >= 0 (0: unconditional).")
   layers.check_levels(
@@ -210,6 +221,11 @@ def check_image_size(config: UNetConfig, height: int, width: int | None = None) 
       )
 
 
+# Levels in [0, 1] are embedded as timesteps in [0, 1000]: the sinusoids' frequencies (1 down to
+# 1e-4) then resolve them as finely as DDPM's timesteps.
+_AUG_LEVEL_SCALE = 1000.0
+
+
 class UNet(nn.Module):
   """The DDPM U-Net: eps_theta(x_t, t).
 
@@ -221,7 +237,9 @@ class UNet(nn.Module):
   ResBlock through a sinusoidal embedding of width `channels` and a 2-layer MLP of width
   4 * channels. A class-conditional network adds a label embedding to the timestep embedding; a
   text-conditional one adds cross-attention to the context after the self-attention layers
-  (`cross_attn_resolutions`, and in the middle).
+  (`cross_attn_resolutions`, and in the middle). A super-resolution network (`low_res_size`)
+  concatenates its upsampled low-resolution input to x_t and adds an embedding of the input's
+  augmentation level to the timestep embedding.
 
   Attributes:
     config: the hyper-parameters.
@@ -240,6 +258,8 @@ class UNet(nn.Module):
     context: jax.Array | None = None,
     context_mask: jax.Array | None = None,
     dropout_keys: jax.Array | None = None,
+    low_res: jax.Array | None = None,
+    aug_level: jax.Array | None = None,
   ) -> jax.Array:
     """Predicts the model output for noisy images.
 
@@ -256,6 +276,9 @@ class UNet(nn.Module):
       dropout_keys: [B] keys for train=True: example j's dropout masks come from dropout_keys[j]
         only (the same as applying the network to that example alone). None: the "dropout"
         rng stream gives masks for the whole batch.
+      low_res: [B, low_res_size, w, C'] float low-resolution images in about [-1, 1] (noise
+        augmented); required when low_res_size > 0, and only then allowed.
+      aug_level: [B] float32 noise-augmentation levels in [0, 1] of `low_res`; None is 0.
 
     Returns:
       [B, H, W, out_channels] float32 output (eps for the eps-parameterization); exactly zero at
@@ -267,6 +290,10 @@ class UNet(nn.Module):
     check_image_size(cfg, height, width)
     chex.assert_shape(t, (batch,))
     dtype = jnp.dtype(cfg.dtype)
+    if cfg.low_res_size:
+      x = jnp.concatenate([x, layers.upsample_low_res(low_res, cfg.low_res_size, x.shape)], axis=-1)
+    elif low_res is not None or aug_level is not None:
+      raise ValueError("this U-Net takes no low-resolution input (model.low_res_size=0)")
     p = cfg.patch_size
     if p > 1:
       x = layers.space_to_depth(x, p)
@@ -274,6 +301,13 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, cfg.channels)
     temb = layers.dense(4 * cfg.channels, dtype, "temb_dense0")(temb)
     temb = layers.dense(4 * cfg.channels, dtype, "temb_dense1")(nn.swish(temb))
+    if cfg.low_res_size:
+      # The augmentation level gets an embedding like the timestep's, with parameters of its own.
+      level = jnp.zeros((batch,), jnp.float32) if aug_level is None else aug_level
+      chex.assert_shape(level, (batch,))
+      aemb = layers.timestep_embedding(_AUG_LEVEL_SCALE * level, cfg.channels)
+      aemb = layers.dense(4 * cfg.channels, dtype, "aug_dense0")(aemb)
+      temb = temb + layers.dense(4 * cfg.channels, dtype, "aug_dense1")(nn.swish(aemb))
     if cfg.num_classes:
       if labels is None:
         raise ValueError("this U-Net is class-conditional (model.num_classes > 0): pass labels")

@@ -96,7 +96,11 @@ def fid_inception_state_dict(params: dict) -> dict[str, np.ndarray]:
 
 
 def load_fid_inception(
-  path: str | os.PathLike, *, dtype=jnp.float32, precision: jax.lax.PrecisionLike = None
+  path: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  precision: jax.lax.PrecisionLike = None,
+  conv: str = "auto",
 ) -> tuple[FIDInceptionV3, dict]:
   """pytorch-fid's FID Inception-v3 and its weights.
 
@@ -105,6 +109,9 @@ def load_fid_inception(
       or .npz file of the same state dict.
     dtype: compute dtype of the network.
     precision: precision of its convolutions (see `FIDInceptionV3`).
+    conv: its 3x3 convolutions (`FIDInceptionV3.conv`); "auto" is Winograd's algorithm where it
+      is faster on a CPU backend ("winograd_large": about 1.3x faster, features within 5e-7
+      relative L2) and XLA's convolution on other backends.
 
   Returns:
     (model, params): `model.apply({"params": params}, images)` is the [B, 2048] float32 pool
@@ -129,7 +136,9 @@ def load_fid_inception(
   params = params_from_tensors(
     tensors, weight_map(), _param_shapes(), path, "pytorch-fid's FID Inception-v3"
   )
-  return FIDInceptionV3(dtype=dtype, precision=precision), params
+  if conv == "auto":
+    conv = "winograd_large" if jax.default_backend() == "cpu" else "xla"
+  return FIDInceptionV3(dtype=dtype, precision=precision, conv=conv), params
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

@@ -1,4 +1,7 @@
-"""Metrics to WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+"""Metrics to WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events.
+
+Training's losses go to metrics.jsonl, sample-quality figures (FID, ...) to eval_metrics.jsonl,
+both with the step."""
 
 import json
 import math
@@ -13,15 +16,18 @@ class MetricWriter:
 
   Args:
     workdir: the run directory; events go to WORKDIR/tensorboard.
+    filename: the JSON-lines file in `workdir`.
+    tag_prefix: prepended to each metric's TensorBoard tag ("eval/": eval/fid).
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl", tag_prefix: str = ""):
+    self._tag_prefix = tag_prefix
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+      self._jsonl = open(os.path.join(workdir, filename), "a")  # noqa: SIM115
       try:
         from tensorboardX import SummaryWriter
 
@@ -40,7 +46,7 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for name, value in values.items():
-        self._tb.add_scalar(name, value, int(step))
+        self._tb.add_scalar(self._tag_prefix + name, value, int(step))
 
   def close(self) -> None:
     if self._jsonl is not None:

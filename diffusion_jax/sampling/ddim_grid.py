@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.diffusion import DenoiseFn, threshold_x0, x0_threshold
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.sampling.solvers import model_predictions
 
@@ -32,6 +32,8 @@ def ddim_grid_sample(
   final_alpha_cumprod: float = 1.0,
   prediction: str = "eps",
   clip_x0: bool = False,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
   blend_fn: BlendFn | None = None,
 ) -> jax.Array:
   """Runs DDIM (η = 0) from x at timesteps[0] through every timestep of the grid.
@@ -45,11 +47,15 @@ def ddim_grid_sample(
     final_alpha_cumprod: ᾱ of a timestep below 0: 1 (the step gives x̂0) or ᾱ_0.
     prediction: what denoise_fn predicts, "eps", "x0" or "v".
     clip_x0: clip x̂0 to [-1, 1] in every step, keeping ε̂ as predicted (diffusers' DDIM).
+    threshold: None (follow `clip_x0`) or one of diffusion.THRESHOLDS, which takes precedence;
+      ε̂ is kept as predicted whichever it is (diffusers' `thresholding` too).
+    threshold_percentile: p of "dynamic" thresholding, in (0, 1].
     blend_fn: applied to every new state (inpainting); None leaves it.
 
   Returns:
     [B, ...] float32: the state after the last step.
   """
+  threshold = x0_threshold(clip_x0, threshold)
   timesteps = np.asarray(timesteps, np.int64)
   prev = timesteps - step_size
   alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)
@@ -68,8 +74,8 @@ def ddim_grid_sample(
     x0, eps = model_predictions(
       denoise_fn, x_t, t, alpha, sigma, prediction=prediction, clip_x0=False
     )
-    if clip_x0:  # diffusers clips x̂0 and keeps ε̂ (improved-diffusion would recompute ε̂)
-      x0 = jnp.clip(x0, -1.0, 1.0)
+    # diffusers thresholds x̂0 and keeps ε̂ (improved-diffusion would recompute ε̂)
+    x0 = threshold_x0(x0, threshold, threshold_percentile)
     x_next = alpha_next * x0 + sigma_next * eps
     return (x_next if blend_fn is None else blend_fn(x_next, t_next)), None
 

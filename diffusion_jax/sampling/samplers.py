@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.core import rng
-from diffusion_jax.core.diffusion import DenoiseFn, p_mean_variance
+from diffusion_jax.core.diffusion import DenoiseFn, check_threshold, p_mean_variance
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.core.timesteps import SKIPS, respace, spaced_timesteps
 from diffusion_jax.sampling.solvers import (
@@ -37,7 +37,8 @@ DEFAULT_NUM_STEPS = {"dpm_solver++": 20, "heun": 18}
 MIN_NUM_STEPS = {"ddpm": 2, "ddim": 1, "dpm_solver++": 1, "heun": 1}
 # The timestep spacing each sampler uses when `skip` is not given; heun has its own σ grid.
 DEFAULT_SKIP = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver++": "logsnr"}
-# The options each sampler takes besides prediction, clip_x0 and first_index.
+# The options every sampler takes, and those each one takes besides them.
+_COMMON_OPTIONS = ("prediction", "clip_x0", "threshold", "threshold_percentile", "first_index")
 _OPTIONS = {
   "ddpm": ("variance", "skip"),
   "ddim": ("eta", "skip"),
@@ -83,6 +84,8 @@ def ddpm_sample(
   skip: str = "uniform",
   variance: str = "fixed_large",
   clip_x0: bool = True,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
   prediction: str = "eps",
   first_index: int | jax.Array = 0,
 ) -> jax.Array:
@@ -104,6 +107,9 @@ def ddpm_sample(
     variance: the reverse-step variance of the (respaced) schedule, "fixed_large" (β') or
       "fixed_small" (β̃').
     clip_x0: clip the predicted x0 to [-1, 1] in every step.
+    threshold: None (follow `clip_x0`) or one of diffusion.THRESHOLDS, which takes precedence
+      (`diffusion.threshold_x0`; "dynamic" is Imagen's).
+    threshold_percentile: p of "dynamic" thresholding, in (0, 1].
     prediction: what denoise_fn predicts, one of diffusion.PREDICTIONS.
     first_index: global index of the first sample of this batch.
 
@@ -127,7 +133,15 @@ def ddpm_sample(
     if variance in FIXED_VARIANCES:  # a learned variance reads the whole output itself
       output = prediction_channels(output, shape[-1])
     mean, _, log_variance, _ = p_mean_variance(
-      spaced, output, x_t, k_batch, variance=variance, clip_x0=clip_x0, prediction=prediction
+      spaced,
+      output,
+      x_t,
+      k_batch,
+      variance=variance,
+      clip_x0=clip_x0,
+      prediction=prediction,
+      threshold=threshold,
+      threshold_percentile=threshold_percentile,
     )
     z = _step_noise(step_keys, t, shape[1:])
     x_prev = jnp.where(k == 0, mean, mean + jnp.exp(0.5 * log_variance) * z)
@@ -148,6 +162,8 @@ def ddim_sample(
   skip: str = "uniform",
   eta: float = 0.0,
   clip_x0: bool = True,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
   prediction: str = "eps",
   first_index: int | jax.Array = 0,
 ) -> jax.Array:
@@ -166,6 +182,9 @@ def ddim_sample(
     skip: how the S timesteps are spread, one of timesteps.SKIPS.
     eta: η in [0, 1].
     clip_x0: clip the predicted x0 to [-1, 1] in every step.
+    threshold: None (follow `clip_x0`) or one of diffusion.THRESHOLDS, which takes precedence
+      (`diffusion.threshold_x0`; "dynamic" is Imagen's).
+    threshold_percentile: p of "dynamic" thresholding, in (0, 1].
     prediction: what denoise_fn predicts, one of diffusion.PREDICTIONS.
     first_index: global index of the first sample of this batch.
 
@@ -187,7 +206,15 @@ def ddim_sample(
   def step(x_t, inputs):
     t, alpha, sigma, alpha_next, c_eps, c_noise = inputs
     x0, eps = model_predictions(
-      denoise_fn, x_t, t, alpha, sigma, prediction=prediction, clip_x0=clip_x0
+      denoise_fn,
+      x_t,
+      t,
+      alpha,
+      sigma,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      threshold=threshold,
+      threshold_percentile=threshold_percentile,
     )
     x_next = alpha_next * x0 + c_eps * eps
     if eta == 0:  # static: deterministic DDIM draws no noise
@@ -283,7 +310,9 @@ def sample(
     sampler: one of SAMPLERS.
     num_steps: None (T for ddpm and ddim, DEFAULT_NUM_STEPS for the others) or the number of
       steps: model calls for ddpm, ddim and dpm_solver++, noise levels for heun (2N - 1 calls).
-    **options: prediction, clip_x0 (default True for every sampler) and first_index for all;
+    **options: prediction, clip_x0 (default True for every sampler), threshold (None: follow
+      clip_x0; "static", "dynamic" or "none" take precedence), threshold_percentile (0.995) and
+      first_index for all;
       variance (ddpm); eta (ddim); skip (ddpm, ddim, dpm_solver++; None or "" for the
       sampler's default, DEFAULT_SKIP); lower_order_final (dpm_solver++); rho (heun). Options
       of other samplers are ignored, so one set of options serves every sampler.
@@ -291,7 +320,7 @@ def sample(
   Returns:
     x_0: [B, H, W, C] float32 in about [-1, 1].
   """
-  known = {"prediction", "clip_x0", "first_index"}.union(*_OPTIONS.values())
+  known = set(_COMMON_OPTIONS).union(*_OPTIONS.values())
   unknown = sorted(set(options) - known)
   if unknown:
     raise TypeError(f"unknown sampler options {unknown}; valid: {', '.join(sorted(known))}")
@@ -302,9 +331,13 @@ def sample(
     skip=options.get("skip"),
     eta=options.get("eta", 0.0),
   )
+  threshold = options.get("threshold")
+  check_threshold(
+    "static" if threshold is None else threshold, options.get("threshold_percentile", 0.995)
+  )
   if num_steps is None:
     num_steps = DEFAULT_NUM_STEPS.get(sampler, schedule.num_timesteps)
-  used = {"prediction", "clip_x0", "first_index", *_OPTIONS[sampler]}
+  used = {*_COMMON_OPTIONS, *_OPTIONS[sampler]}
   kwargs = {name: value for name, value in options.items() if name in used}
   if not kwargs.get("skip", True):  # None or "": the sampler's default
     kwargs["skip"] = DEFAULT_SKIP[sampler]

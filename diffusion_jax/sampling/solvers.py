@@ -18,7 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.core.diffusion import DenoiseFn
+from diffusion_jax.core.diffusion import DenoiseFn, threshold_x0, x0_threshold
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.core.timesteps import (
   karras_sigmas,
@@ -49,13 +49,16 @@ def model_predictions(
   *,
   prediction: str,
   clip_x0: bool,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
 ) -> tuple[jax.Array, jax.Array]:
   """(x̂0, ε̂) at x = α x0 + σ ε from one call of the model.
 
     "eps": x̂0 = (x - σ ε̂) / α;   "x0": ε̂ = (x - α x̂0) / σ;   "v": x̂0 = α x - σ v, ε̂ = σ x + α v.
 
-  With `clip_x0`, x̂0 is clipped to [-1, 1] and ε̂ recomputed from it, so that the pair stays
-  consistent with x (as improved-diffusion's DDIM does).
+  With `clip_x0` (or a `threshold` other than "none"), x̂0 is thresholded (`threshold_x0`) and
+  ε̂ recomputed from it, so that the pair stays consistent with x (as improved-diffusion's DDIM
+  does).
 
   Args:
     denoise_fn: (x [B, ...], t [B]) -> model output [B, ...] (or [B, ..., 2C], see
@@ -64,7 +67,9 @@ def model_predictions(
     t: [] int32 or float32, the timestep of (α, σ) passed to the model for every example.
     alpha, sigma: [] float32, α > 0 and σ > 0.
     prediction: "eps", "x0" or "v" (diffusion.PREDICTIONS).
-    clip_x0: clip x̂0 to [-1, 1].
+    clip_x0: clip x̂0 to [-1, 1] (threshold "static"; False: "none").
+    threshold: None (follow `clip_x0`) or one of diffusion.THRESHOLDS, which takes precedence.
+    threshold_percentile: p of "dynamic" thresholding, in (0, 1].
 
   Returns:
     (x̂0, ε̂), each [B, ...] float32.
@@ -80,8 +85,9 @@ def model_predictions(
     x0, eps = alpha * x - sigma * output, sigma * x + alpha * output
   else:
     raise ValueError(f"unknown prediction {prediction!r}; valid: eps, x0, v")
-  if clip_x0:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+  threshold = x0_threshold(clip_x0, threshold)
+  if threshold != "none":
+    x0 = threshold_x0(x0, threshold, threshold_percentile)
     eps = (x - alpha * x0) / sigma
   return x0, eps
 
@@ -96,6 +102,8 @@ def dpm_solver_pp_sample(
   lower_order_final: bool = False,
   prediction: str = "eps",
   clip_x0: bool = True,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
 ) -> jax.Array:
   """DPM-Solver++(2M) (Lu et al. 2022), multistep, in data-prediction form; num_steps model calls.
 
@@ -117,6 +125,7 @@ def dpm_solver_pp_sample(
     lower_order_final: first order for the step into t = 0 as well.
     prediction: what the model predicts (diffusion.PREDICTIONS).
     clip_x0: clip x̂0 to [-1, 1] at every call (DPM-Solver++'s thresholding at 1).
+    threshold, threshold_percentile: as in `model_predictions` (None follows `clip_x0`).
 
   Returns:
     x0: [B, ...] float32.
@@ -139,7 +148,17 @@ def dpm_solver_pp_sample(
   def step(carry, inputs):
     x, x0_prev = carry
     t, a, s, ratio, coef, w = inputs
-    x0, _ = model_predictions(denoise_fn, x, t, a, s, prediction=prediction, clip_x0=clip_x0)
+    x0, _ = model_predictions(
+      denoise_fn,
+      x,
+      t,
+      a,
+      s,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      threshold=threshold,
+      threshold_percentile=threshold_percentile,
+    )
     x_next = ratio * x + coef * (x0 + w * (x0 - x0_prev))
     return (x_next, x0), None
 
@@ -157,6 +176,8 @@ def heun_sample(
   rho: float = 7.0,
   prediction: str = "eps",
   clip_x0: bool = True,
+  threshold: str | None = None,
+  threshold_percentile: float = 0.995,
 ) -> jax.Array:
   """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun's method in σ̃.
 
@@ -180,6 +201,7 @@ def heun_sample(
     rho: the grid's ρ (EDM: 7).
     prediction: what the model predicts (diffusion.PREDICTIONS).
     clip_x0: clip D to [-1, 1] at every call.
+    threshold, threshold_percentile: as in `model_predictions` (None follows `clip_x0`).
 
   Returns:
     x0: [B, ...] float32.
@@ -199,7 +221,15 @@ def heun_sample(
     alpha = jax.lax.rsqrt(1.0 + jnp.square(sigma))
     t = timestep_from_sigma(schedule, sigma)
     x0, _ = model_predictions(
-      denoise_fn, alpha * x_eval, t, alpha, alpha * sigma, prediction=prediction, clip_x0=clip_x0
+      denoise_fn,
+      alpha * x_eval,
+      t,
+      alpha,
+      alpha * sigma,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      threshold=threshold,
+      threshold_percentile=threshold_percentile,
     )
     slope = (x_eval - x0) / sigma
     corrected = x_base + delta * 0.5 * (slope_base + slope)
