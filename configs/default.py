@@ -271,6 +271,57 @@ def get_config() -> ml_collections.ConfigDict:
   # in a cascade (Imagen sweeps 0-0.3); 0 trusts the low-resolution input exactly.
   sr.aug_level = 0.1
 
+  # ---------------------------------------------------------------- cascade
+  # A cascade (diffusion_jax/experiment/cascade.py): a base model and super-resolution stages,
+  # each its own run. --mode=train trains each stage, --mode=sample draws sample.num_samples
+  # images per prompt with the base and enlarges them stage by stage.
+  config.cascade = cascade = ml_collections.ConfigDict()
+  cascade.configs = ""  # The stages' configs, base first: "shapes_text,shapes_sr" (or .py paths).
+  cascade.workdirs = ""  # Their run directories; empty: WORKDIR/<config name> for each.
+  # Per-stage sampling, comma-separated, one item per stage; an empty item (or an empty field)
+  # keeps that stage run's own sample.* / sr.aug_level value.
+  cascade.samplers = ""
+  cascade.num_steps = ""
+  cascade.guidance_scales = ""
+  cascade.aug_levels = ""
+  cascade.batch_sizes = ""
+
+  # ---------------------------------------------------------------- sds
+  # --mode=sds: score distillation (DreamFusion, diffusion_jax/experiment/sds_mode.py). A trained
+  # conditional run is the frozen prior; the parameters of a scene (3d: a voxel grid of density
+  # and albedo, volume-rendered from random cameras) or of an image (2d) follow its gradient
+  # w(t) (ε̂ − ε) for the prompt. Outputs go to WORKDIR/sds/.
+  config.sds = sds = ml_collections.ConfigDict()
+  sds.prior_workdir = "runs/shapes_text"  # The prior: a trained text- or class-conditional run.
+  sds.prompt = "a red circle"
+  sds.mode = "3d"  # "3d" (a scene seen from random cameras) or "2d" (an image).
+  sds.num_steps = 400  # Optimisation steps.
+  sds.batch_size = 4  # Views (3d) or noise draws (2d) per step.
+  sds.learning_rate = 0.05  # Adam.
+  sds.guidance_scale = 7.5  # Classifier-free guidance of the prior (DreamFusion: 100).
+  sds.t_min = 0.02  # t ~ U[t_min, t_max] · T, as DreamFusion.
+  sds.t_max = 0.98
+  sds.weighting = "dreamfusion"  # w(t) = 1 − ᾱ_t; "uniform": 1.
+  # The scene: a grid of grid_size³ vertices spanning [−1, 1]³, a density blob at the centre to
+  # start from, rays of num_ray_samples samples, a pinhole camera of fov degrees.
+  sds.grid_size = 32
+  sds.blob_density = 6.0
+  sds.blob_radius = 0.4
+  sds.num_ray_samples = 32
+  sds.fov = 40.0
+  sds.elevation_range = (-10.0, 30.0)  # Degrees; azimuth is uniform over the whole circle.
+  sds.distance_range = (3.0, 3.5)
+  sds.shading = "albedo"  # "albedo", or "lambertian" (a light at the camera, ambient 0.3).
+  sds.background = (0.09, 0.09, 0.09)  # RGB in [0, 1]; the shapes set's dark grey.
+  # Regularisers that keep the scene solid: opacity_weight · mean √(opacity² + 0.01) (sparsity),
+  # entropy_weight · the rays' opacity entropy (all or nothing), tv_weight · total variation.
+  sds.opacity_weight = 0.0
+  sds.entropy_weight = 0.01
+  sds.tv_weight = 0.0
+  sds.num_views = 16  # Views of the ring written at the end.
+  sds.log_every = 10
+  sds.checkpoint_every = 100
+
   # ---------------------------------------------------------------- eval
   # --mode=eval: the variational bound on the negative log-likelihood in bits per dimension, on
   # held-out data, with the EMA parameters. It costs num_timesteps network evaluations per image.

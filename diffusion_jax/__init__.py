@@ -27,6 +27,7 @@ from diffusion_jax.core.likelihood import bits_per_dim
 from diffusion_jax.core.losses import LOSS_TYPES, training_loss
 from diffusion_jax.core.rng import example_keys
 from diffusion_jax.core.schedules import Schedule, make_schedule
+from diffusion_jax.core.sds import sds_grad, sds_loss, sds_weight
 from diffusion_jax.models import (
   FastPaths,
   TextEncoder,
@@ -69,6 +70,9 @@ __all__ = [
   "q_posterior_mean_variance",
   "q_sample",
   "sample",
+  "sds_grad",
+  "sds_loss",
+  "sds_weight",
   "training_loss",
   "v_target",
 ]

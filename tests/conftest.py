@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules."""
 
+import os
+
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
@@ -32,6 +34,19 @@ TINY_OVERRIDES = {
   "sample.num_samples": 4,
 }
 
+# The tiny setup made text-conditional (`tiny_config(..., text=True)`): a one-layer text encoder
+# of width 16 and cross-attention at 8x8 (and in the middle); flips off, as captions name sides.
+TINY_TEXT_OVERRIDES = {
+  "model.num_heads": 2,
+  "model.cross_attn_resolutions": (8,),
+  "model.text.vocab_size": 32,
+  "model.text.width": 16,
+  "model.text.num_layers": 1,
+  "model.text.num_heads": 2,
+  "model.text.max_length": 12,
+  "data.random_flip": False,
+}
+
 # Compilation settings of every test module and of the subprocesses given `fast_compile_env`: a
 # persistent cache, so that a program compiled once (in this process or in a `main.py`
 # subprocess) is loaded from disk afterwards, and XLA's cheapest backend pipeline (same
@@ -59,11 +74,13 @@ def tiny_overrides():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  """A factory: `tiny_config({"train.num_steps": 3, ...})` -> a fresh tiny ConfigDict."""
+  """A factory: `tiny_config({"train.num_steps": 3, ...})` -> a fresh tiny ConfigDict;
+  `text=True` makes it text-conditional (TINY_TEXT_OVERRIDES, below the given overrides)."""
 
-  def make(overrides=None):
+  def make(overrides=None, text=False):
     config = shapes.get_config()
-    for name, value in {**TINY_OVERRIDES, **(overrides or {})}.items():
+    text_overrides = TINY_TEXT_OVERRIDES if text else {}
+    for name, value in {**TINY_OVERRIDES, **text_overrides, **(overrides or {})}.items():
       section, _, field = name.rpartition(".")
       target = config
       for part in filter(None, section.split(".")):
@@ -76,8 +93,15 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def jax_cache_dir(tmp_path_factory):
-  """A persistent compilation cache directory shared by the whole session."""
-  return str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  """A persistent compilation cache directory shared by the whole session, every xdist worker
+  and the subprocesses they start: a program compiled once anywhere is read from disk after. (An
+  entry read while another process still writes it fails to decompress: jax warns and compiles.)"""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the workers' common base directory
+  path = root / "jax_compilation_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
 
 
 @pytest.fixture(scope="module", autouse=True)

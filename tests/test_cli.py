@@ -147,6 +147,21 @@ ERROR_CASES = {
     {},
     ["data.image_size", "image size 60", "downsampling factor 8"],
   ),
+  "cascade_has_no_eval_mode": (
+    ["--config=shapes_cascade", "--mode=eval"],
+    {},
+    ["a cascade has --mode=train and --mode=sample", "eval.images"],
+  ),
+  "cascade_stage_without_checkpoint": (
+    ["--config=shapes_cascade", "--mode=sample"],
+    {},
+    ["cascade stage 0", "no checkpoint", "train first"],
+  ),
+  "sds_without_a_prior": (
+    ["--config=shapes_sds", "--mode=sds", "--config.sds.prior_workdir=/nonexistent/prior"],
+    {},
+    ["sds.prior_workdir='/nonexistent/prior' holds no trained run", "shapes_text"],
+  ),
   "no_config_and_no_saved_run": (
     [],
     {},

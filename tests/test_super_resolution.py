@@ -21,18 +21,8 @@ from diffusion_jax.sampling import guidance
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-# The tiny setup at 8x8 enlarging 4x4 images; text-conditional with cross-attention at 8x8.
-SR_OVERRIDES = {
-  "model.low_res_size": 4,
-  "model.num_heads": 2,
-  "model.cross_attn_resolutions": (8,),
-  "model.text.vocab_size": 32,
-  "model.text.width": 16,
-  "model.text.num_layers": 1,
-  "model.text.num_heads": 2,
-  "model.text.max_length": 12,
-  "data.random_flip": False,
-}
+# The tiny setup at 8x8 enlarging 4x4 images, text-conditional (`tiny_config(..., text=True)`).
+SR_OVERRIDES = {"model.low_res_size": 4}
 
 
 # Jitted: op by op, the per-example draws of 512 examples took seconds.
@@ -164,7 +154,7 @@ def test_two_train_steps_of_a_tiny_sr_model(tiny_config):
 
 
 def test_sampling_enlarges_low_res_images_independently_of_the_batch(tiny_config):
-  run = run_lib.make_run(tiny_config(SR_OVERRIDES))
+  run = run_lib.make_run(tiny_config(SR_OVERRIDES, text=True))
   x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
   example = {**run.prompt_condition([""]), "low_res": jnp.zeros((1, 4, 4, 3))}
   params = _random_params(run.model, x, t, **example)
@@ -201,7 +191,7 @@ def test_guidance_keeps_the_low_res_image_in_both_halves():
   low = jnp.asarray([[[[0.5]]], [[[-0.25]]]]).repeat(2, axis=1).repeat(2, axis=2)
   image = {"low_res": low, "aug_level": jnp.asarray([0.1, 0.2])}
   cond = {"tokens": jnp.asarray([[1, 5, 0], [1, 7, 3]], jnp.int32)}
-  denoise = guidance.guided(generate._with_image_condition(apply_fn, image), cond, 2.0)
+  denoise = guidance.guided(apply_fn, {**cond, **image}, 2.0)
   x = jnp.zeros((2, 2, 2, 1))
   out = denoise(x, jnp.zeros((2,), jnp.int32))
   np.testing.assert_array_equal(seen["low_res"], jnp.concatenate([low, low]))

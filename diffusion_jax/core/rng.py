@@ -12,6 +12,7 @@ INIT = 0
 TRAIN = 1
 SAMPLE = 2
 EVAL = 3  # evaluation figures (e.g. projection directions), shared by the seeds of a study
+SDS = 4  # score distillation: cameras, timesteps, noise and ray samples of each step
 
 
 def stream_key(seed: int, stream: int) -> jax.Array:

@@ -59,6 +59,20 @@ UNCLEAR = "unclear"
 _CHUNK = 512
 
 
+# Eight colour-shape prompts (every colour twice, every shape at least twice) on which the
+# benchmarks measure how well a model follows a prompt.
+COLOUR_SHAPE_PROMPTS = (
+  "a red circle",
+  "a green square",
+  "a blue triangle",
+  "a yellow circle",
+  "a red square",
+  "a green circle",
+  "a blue circle",
+  "a yellow triangle",
+)
+
+
 def _area_per_radius2(shape: str) -> float:
   """Area of a shape over its circumscribed radius squared (discs shrunk as in the data set)."""
   if shape == "circle":

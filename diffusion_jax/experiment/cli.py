@@ -33,10 +33,11 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "sample", "eval", "export"],
+    ["train", "sample", "eval", "export", "sds"],
     "train (resumes from the workdir), sample (the latest checkpoint's EMA params, or the "
     "published weights of config.pretrained), eval (bits/dim of the latest checkpoint on "
-    "eval.split) or export (a fine-tuned Stable Diffusion run as a diffusers folder).",
+    "eval.split), export (a fine-tuned Stable Diffusion run as a diffusers folder) or sds "
+    "(score distillation of sds.prompt with the prior run in sds.prior_workdir).",
   )
   flags.DEFINE_bool(
     "distributed",
@@ -189,9 +190,19 @@ def main(argv: list[str]) -> None:
         jax.local_device_count(),
         jax.device_count(),
       )
-    from diffusion_jax.experiment import sample_mode, saved_config, settings, train
+    from diffusion_jax.experiment import cascade, sample_mode, saved_config, settings, train
 
     logging.info("workdir: %s", os.path.abspath(workdir))
+    if cascade.enabled(config):
+      _cascade(config, workdir, FLAGS.mode)
+      return
+    if FLAGS.mode == "sds":
+      from diffusion_jax.experiment import sds_mode
+
+      paths = sds_mode.run_sds(config, workdir)
+      if jax.process_index() == 0:
+        print(f"wrote {paths['npz']}, {paths['png']} and {paths['gif']}")
+      return
     config = saved_config.reconcile(config, workdir, FLAGS.mode)
     published = config.get("pretrained") or config.model.name == settings.STABLE_DIFFUSION
     if published and FLAGS.mode in ("sample", "export"):
@@ -258,6 +269,30 @@ def _pretrained(config, workdir: str, mode: str) -> None:
     png, npz, samples = pretrained_mode.sample(config, workdir, unet_params, step)
   if jax.process_index() == 0:
     print(f"wrote {len(samples)} samples: {png} and {npz}")
+
+
+def _cascade(config, workdir: str, mode: str) -> None:
+  """--mode=train or sample on a cascade config (its `cascade` section names the stages)."""
+  import jax
+
+  from diffusion_jax.experiment import cascade
+  from diffusion_jax.runtime import interrupts
+  from diffusion_jax.runtime.errors import ConfigError
+
+  if mode == "train":
+    cascade.train_stages(config, workdir)
+    return
+  if mode != "sample":
+    raise ConfigError(
+      f"a cascade has --mode=train and --mode=sample, not --mode={mode}; score its output with "
+      "--mode=eval --config.eval.images=<its last stage's npz> on the last stage's run"
+    )
+  with interrupts.stop_sampling_on_signals():
+    written = cascade.sample(config, workdir)
+  if jax.process_index() == 0:
+    for k, (png, npz, images) in enumerate(written):
+      size = "x".join(map(str, images.shape[1:3]))
+      print(f"stage {k}: wrote {len(images)} samples at {size}: {png} and {npz}")
 
 
 def _evaluate(config, workdir: str) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
@@ -176,9 +175,7 @@ def make_sample_fn(
     if "low_res" in cond:
       keys = samplers.per_sample_keys(key, batch_size, first_index)
       level = cond.get("aug_level", aug_level)  # per image, if the caller gives levels
-      image_cond = super_resolution.augment(cond["low_res"], keys, level=level)
-      cond = {k: v for k, v in cond.items() if k not in image_cond}
-      apply_fn = _with_image_condition(apply_fn, image_cond)
+      cond = {**cond, **super_resolution.augment(cond["low_res"], keys, level=level)}
     denoise_fn = guidance.guided(
       apply_fn,
       cond,
@@ -207,20 +204,6 @@ def make_sample_fn(
   if reporter is not None:
     jitted.progress = reporter
   return jitted
-
-
-def _with_image_condition(apply_fn, image_cond: dict[str, jax.Array]):
-  """`apply_fn` with a super-resolution model's image condition appended; guidance's batch of
-  the conditional and unconditional halves gets it twice: Imagen keeps the low-resolution image
-  in both, and guidance drops only the labels or the prompt."""
-  batch = next(iter(image_cond.values())).shape[0]
-
-  def fn(x_t, t, **cond):
-    copies = x_t.shape[0] // batch
-    image = {k: jnp.concatenate([v] * copies) for k, v in image_cond.items()}
-    return apply_fn(x_t, t, **cond, **image)
-
-  return fn
 
 
 def generate(

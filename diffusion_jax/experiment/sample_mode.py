@@ -39,7 +39,8 @@ def _progress(config: ml_collections.ConfigDict) -> generate.SampleProgress:
   return generate.SampleProgress(show=config.train.progress)
 
 
-def _restore(run: run_lib.Run, workdir: str):
+def restore(run: run_lib.Run, workdir: str):
+  """The train state of the latest checkpoint in `workdir` (a ConfigError when it has none)."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise ConfigError(f"--workdir={workdir} has no checkpoint; train first (--mode=train)")
@@ -57,7 +58,7 @@ def draw(config: ml_collections.ConfigDict, workdir: str, count: int) -> tuple[n
     (uint8 samples [count, H, W, C], the checkpoint's step).
   """
   run = run_lib.make_run(config)
-  state = _restore(run, workdir)
+  state = restore(run, workdir)
   sample_fn = run.sample_fn(progress=_progress(config))
   return draw_with(run, sample_fn, state.ema_params, config, count), int(state.step)
 
@@ -77,7 +78,7 @@ def draw_with(run: run_lib.Run, sample_fn, params, config, count: int) -> np.nda
 
 
 def _sample_run(run: run_lib.Run, sample_fn, config: ml_collections.ConfigDict, workdir: str):
-  state = _restore(run, workdir)
+  state = restore(run, workdir)
   step = int(state.step)
   key = jax.random.fold_in(rng.stream_key(config.seed, rng.SAMPLE), config.sample.seed + 1)
   prompt_list = prompts(run, config)

@@ -18,6 +18,8 @@ from diffusion_jax import text
 from diffusion_jax.models import CONDITIONING
 
 Condition = dict[str, jax.Array]
+# Inputs of a super-resolution model that are part of the image, not of the prompt.
+IMAGE_INPUTS = ("low_res", "aug_level")
 
 # Separates the condition-dropout draws from the other per-example draws of a train step.
 _DROP_STREAM = 0xC0DD
@@ -56,13 +58,17 @@ def class_labels(prompts: list[str], class_names: list[str]) -> np.ndarray:
 
 
 def null_like(cond: Condition, num_classes: int = 0) -> Condition:
-  """The "no condition" of the same shapes: label `num_classes`, or the empty prompt."""
+  """The "no condition" of the same shapes: label `num_classes`, or the empty prompt. A
+  super-resolution model's image inputs ("low_res", "aug_level") stay: Imagen drops only the
+  labels or the prompt, in training and in guidance."""
   out = {}
   for name, value in cond.items():
     if name == "labels":
       out[name] = jnp.full_like(value, num_classes)
     elif name == "tokens":
       out[name] = jnp.zeros_like(value).at[:, 0].set(text.START_ID)
+    elif name in IMAGE_INPUTS:
+      out[name] = value
     else:
       raise ValueError(f"unknown condition input {name!r}")
   return out

@@ -2,8 +2,9 @@
 
 The shapes config for 20 steps at 16x16: the loss of every step, a SHA-256 of the final
 parameters and EMA parameters, and of a 16-image DDIM sample drawn from the checkpoint by
---mode=sample's code path. Runs in a fresh process with XLA's default settings, so the result
-does not depend on the options a test session sets.
+--mode=sample's code path. Runs in a fresh process with XLA's cheap compilation pipeline
+(jax_disable_most_optimizations: the same functions, compiled in half the time) and no other
+option, so the result does not depend on the options a test session sets.
 
   python tests/golden/run_golden.py WORKDIR
 """
@@ -65,6 +66,7 @@ def cpu() -> dict[str, str]:
 
 
 def main(workdir: str) -> None:
+  jax.config.update("jax_disable_most_optimizations", True)
   config = golden_config()
   train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
