@@ -6,7 +6,7 @@ Run:
   python main.py --config=shapes_cascade --mode=sample --config.sample.prompt="a red circle"
 
 The stages train in runs/shapes_cascade/shapes_text and runs/shapes_cascade/shapes_sr (about 27 and
-20 minutes on a 2-core CPU); runs trained on their own join with
+17 minutes on an idle 2-core CPU); runs trained on their own join with
 --config.cascade.workdirs=runs/shapes_text,runs/shapes_sr. Sampling writes
 samples/cascade_seed0_stage0.{png,npz} (16x16) and cascade_seed0_stage1.{png,npz} (64x64, each
 input left of its output). The base samples with guidance 3 (its prompt decides colour and
