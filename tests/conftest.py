@@ -37,7 +37,6 @@ TINY_OVERRIDES = {
 # The tiny setup made text-conditional (`tiny_config(..., text=True)`): a one-layer text encoder
 # of width 16 and cross-attention at 8x8 (and in the middle); flips off, as captions name sides.
 TINY_TEXT_OVERRIDES = {
-  "model.num_heads": 2,
   "model.cross_attn_resolutions": (8,),
   "model.text.vocab_size": 32,
   "model.text.width": 16,

@@ -285,18 +285,11 @@ def test_excluded_classes_leave_the_training_split(tiny_config):
 
 
 def _text_overrides():
-  # The tiny setup's one-level U-Net, with cross-attention in the middle and in the up path's
-  # block at 8x8: what the tests of the run check (prompts reaching the samples, guidance, the
-  # bound of the unconditional model) does not depend on depth, and two levels with a block each
-  # took more than twice as long to compile.
+  # With tiny_config(..., text=True): the tiny setup's one-level U-Net, with cross-attention in
+  # the middle and in the up path's block at 8x8: what the tests of the run check (prompts
+  # reaching the samples, guidance, the bound of the unconditional model) does not depend on
+  # depth, and two levels with a block each took more than twice as long to compile.
   return {
-    "model.cross_attn_resolutions": (8,),
-    "model.text.vocab_size": 32,
-    "model.text.width": 16,
-    "model.text.num_layers": 1,
-    "model.text.num_heads": 2,
-    "model.text.max_length": 12,
-    "data.random_flip": False,
     "train.num_steps": 3,
     "train.sample_every": 0,
     "train.num_grid_samples": 12,
@@ -306,7 +299,7 @@ def _text_overrides():
 @pytest.fixture(scope="module")
 def text_run(tiny_config, tmp_path_factory, fast_compile):
   """A 3-step text-conditional run of the tiny setup: (config, workdir)."""
-  config = tiny_config(_text_overrides())
+  config = tiny_config(_text_overrides(), text=True)
   workdir = tmp_path_factory.mktemp("text_run")
   train.train_and_evaluate(config, str(workdir))
   return config, workdir
@@ -346,7 +339,7 @@ def test_prompts_for_an_unconditional_model_are_an_error(tiny_config, tmp_path):
   config.sample.prompt = "a red circle"
   with pytest.raises(ConfigError, match="unconditional"):
     sample_mode.prompts(run, config)
-  text_config = tiny_config(_text_overrides())
+  text_config = tiny_config(_text_overrides(), text=True)
   text_config.sample.prompts_file = str(tmp_path / "missing.txt")
   with pytest.raises(ConfigError, match="cannot be read"):
     sample_mode.prompts(run_lib.make_run(text_config), text_config)
@@ -401,7 +394,7 @@ def test_prompt_errors_and_warnings(tiny_config):
   with pytest.raises(ConfigError, match="model.num_classes=3"):
     run_lib.make_run(tiny_config({"model.num_classes": 3}))
   with pytest.raises(ConfigError, match="vocab_size"):
-    run_lib.make_run(tiny_config({**_text_overrides(), "model.text.vocab_size": 8}))
+    run_lib.make_run(tiny_config({**_text_overrides(), "model.text.vocab_size": 8}, text=True))
 
 
 def test_image_folder_captions_come_from_class_names(tmp_path):
