@@ -4,6 +4,7 @@ Run from the repository root, after training the prior (python main.py --config=
   python benchmarks/sds_agreement.py --prior=runs/shapes_text --mode=2d --seeds=8
   python benchmarks/sds_agreement.py --prior=runs/shapes_text --mode=3d --seeds=1 \\
     --prompts="a red circle,a blue circle,a green circle,a yellow circle" --num_steps=600
+  python benchmarks/sds_agreement.py --prior=runs/shapes_latent_text --mode=2d --seeds=4
 
 For each prompt and seed it optimises from scratch with the sds.* settings of
 configs/shapes_sds.py (overridden by the flags), then reads the ring of sds.num_views views (2d:
@@ -39,6 +40,9 @@ flags.DEFINE_integer("num_steps", 0, "sds.num_steps; 0: the config's.")
 flags.DEFINE_float("guidance", 0.0, "sds.guidance_scale; 0: the config's.")
 flags.DEFINE_float("learning_rate", 0.0, "sds.learning_rate; 0: the config's.")
 flags.DEFINE_float("t_max", 0.0, "sds.t_max; 0: the config's.")
+flags.DEFINE_integer("render_size", 0, "sds.render_size; 0: the prior's image size.")
+flags.DEFINE_float("t_min", 0.0, "sds.t_min; 0: the config's.")
+flags.DEFINE_float("tv_weight", 0.0, "sds.tv_weight; 0: the config's.")
 flags.DEFINE_string("out", "", "Output directory; default: the prior's eval/.")
 flags.DEFINE_list("prompts", list(judge.COLOUR_SHAPE_PROMPTS), "Colour-shape prompts.")
 
@@ -53,25 +57,28 @@ def main(argv):
     ("guidance_scale", FLAGS.guidance),
     ("learning_rate", FLAGS.learning_rate),
     ("t_max", FLAGS.t_max),
+    ("render_size", FLAGS.render_size),
+    ("t_min", FLAGS.t_min),
+    ("tv_weight", FLAGS.tv_weight),
   ):
     if value:
       config.sds[field] = value
   base = sds_mode.read_settings(config)
-  prior, prior_params = sds_mode.load_prior(base)
-  size = prior.image_shape[0]
   tx = optax.adam(base.learning_rate)
   rows, all_views, seconds = {}, [], []
   for prompt in FLAGS.prompts:
     s = dataclasses.replace(base, prompt=prompt)
-    step_fn = sds_mode.make_step(s, prior, prior_params, tx)
+    prior = sds_mode.load_prior(config, s)
+    size = sds_mode.render_size(s, prior)
+    step_fn = sds_mode.make_step(s, prior, tx)
     colour, shape = prompt.split()[-2:]
     hits = {"colour": [], "shape": []}
     for seed in range(FLAGS.seeds):
       start = time.time()
-      params = sds_mode.init_params(s, rng.stream_key(seed, rng.INIT), prior.image_shape)
+      params = sds_mode.init_params(s, rng.stream_key(seed, rng.INIT), (size, size, 3))
       opt_state, seed_key = tx.init(params), rng.stream_key(seed, rng.SDS)
       for step in range(s.num_steps):
-        params, opt_state, _ = step_fn(params, opt_state, np.int32(step), seed_key)
+        params, opt_state, _ = step_fn(params, opt_state, np.int32(step), seed_key, prior.params)
       views = sds_mode.views_uint8(s, params, size)
       jax.block_until_ready(views)
       seconds.append(time.time() - start)

@@ -292,8 +292,11 @@ def get_config() -> ml_collections.ConfigDict:
   # and albedo, volume-rendered from random cameras) or of an image (2d) follow its gradient
   # w(t) (ε̂ − ε) for the prompt. Outputs go to WORKDIR/sds/.
   config.sds = sds = ml_collections.ConfigDict()
-  sds.prior_workdir = "runs/shapes_text"  # The prior: a trained text- or class-conditional run.
+  sds.prior_workdir = "runs/shapes_text"  # The prior: a trained conditional run (pixel or latent).
   sds.prompt = "a red circle"
+  # With config.pretrained set, that Stable Diffusion is the prior instead (its VAE encodes the
+  # renders; the gradient flows back through the encoder), guided away from negative_prompt.
+  sds.negative_prompt = ""
   sds.mode = "3d"  # "3d" (a scene seen from random cameras) or "2d" (an image).
   sds.num_steps = 400  # Optimisation steps.
   sds.batch_size = 4  # Views (3d) or noise draws (2d) per step.
@@ -314,10 +317,15 @@ def get_config() -> ml_collections.ConfigDict:
   sds.shading = "albedo"  # "albedo", or "lambertian" (a light at the camera, ambient 0.3).
   sds.background = (0.09, 0.09, 0.09)  # RGB in [0, 1]; the shapes set's dark grey.
   # Regularisers that keep the scene solid: opacity_weight · mean √(opacity² + 0.01) (sparsity),
-  # entropy_weight · the rays' opacity entropy (all or nothing), tv_weight · total variation.
+  # entropy_weight · the rays' opacity entropy (all or nothing), tv_weight · total variation
+  # (of the density in 3d; of the image in 2d, where it keeps an encoder's gradient from painting
+  # high-frequency patterns).
   sds.opacity_weight = 0.0
   sds.entropy_weight = 0.01
   sds.tv_weight = 0.0
+  # Renders are render_size pixels square (0: the prior's image size), resized bilinearly to
+  # the prior's size (e.g. 64 for Stable Diffusion's 512, as DreamFusion renders at 64).
+  sds.render_size = 0
   sds.num_views = 16  # Views of the ring written at the end.
   sds.log_every = 10
   sds.checkpoint_every = 100

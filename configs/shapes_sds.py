@@ -10,6 +10,10 @@ A 32³ voxel grid of density and albedo, started as a fuzzy ball at the centre, 
 the prior's guided noise prediction for the prompt (guidance 7.5) pulls the renders towards
 images of the prompt, from every side at once. sds.mode=2d optimises a single 16x16 image
 instead. Outputs: WORKDIR/sds/views.{npz,png,gif} (a ring of 16 views), loss.png, checkpoints.
+
+Any conditional run can be the prior, a latent one too (--config.sds.prior_workdir=
+runs/shapes_latent_text: the renders are encoded, 64x64 to 8x8x4), and Stable Diffusion from disk
+(--config.pretrained=DIR; README, "Score distillation").
 """
 
 from configs import default

@@ -59,7 +59,10 @@ def write_run(config, workdir):
   """A run directory as training leaves it: config.json and a step-5 checkpoint of random
   weights, without compiling a train step (for code that only reads runs)."""
   run = run_lib.make_run(config)
-  params = random_params(run)
+  if run.is_autoencoder:  # its own initialisation: nothing starts at zero
+    params = jax.jit(lambda key: run.init_state(key).params)(jax.random.key(0))
+  else:
+    params = random_params(run)
   state = jax.eval_shape(run.init_state, jax.random.key(0))
   state = state.replace(
     step=jnp.asarray(5, jnp.int32),

@@ -78,27 +78,30 @@ def test_cross_attention_ignores_masked_context():
   x = jax.random.normal(kx, (3, 4, 4, 8))
   context = jax.random.normal(kc, (3, 6, 5))
   mask = jnp.asarray([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]], bool)
-  params = block.init(kp, x, context, mask)["params"]
+  params = jax.jit(block.init)(kp, x, context, mask)["params"]
   params["proj_out"]["kernel"] = jax.random.normal(kn, params["proj_out"]["kernel"].shape)
-  out = block.apply({"params": params}, x, context, mask)
+  # One compiled block for the three contexts.
+  apply = jax.jit(lambda c: block.apply({"params": params}, x, c, mask))
+  out = apply(context)
   # Anything, even huge values, in the masked positions changes nothing.
   noise = 1e3 * jax.random.normal(jax.random.key(3), context.shape)
   changed = jnp.where(mask[..., None], context, noise)
-  np.testing.assert_array_equal(out, block.apply({"params": params}, x, changed, mask))
+  np.testing.assert_array_equal(out, apply(changed))
   # ... while a valid position does change the output.
   moved = context.at[0, 1].add(1.0)
-  assert not np.allclose(out[0], block.apply({"params": params}, x, moved, mask)[0])
+  assert not np.allclose(out[0], apply(moved)[0])
 
 
 def test_text_encoder_ignores_padded_tokens():
   encoder = TextEncoder(TextEncoderConfig(vocab_size=24, width=16, num_layers=2, num_heads=2))
   tokens = _tokens([[1, 5, 7, 9], [1, 3]])
   mask = tokens != 0
-  params = encoder.init(jax.random.key(0), tokens, mask)["params"]
-  out = encoder.apply({"params": params}, tokens, mask)
+  params = jax.jit(encoder.init)(jax.random.key(0), tokens, mask)["params"]
+  apply = jax.jit(lambda t: encoder.apply({"params": params}, t, mask))
+  out = apply(tokens)
   # Other ids in the padded positions (the mask unchanged): the valid rows are the same.
   scrambled = jnp.where(mask, tokens, jax.random.randint(jax.random.key(4), tokens.shape, 3, 24))
-  again = encoder.apply({"params": params}, scrambled, mask)
+  again = apply(scrambled)
   np.testing.assert_allclose(again[mask], out[mask], rtol=1e-6, atol=1e-6)
   assert not np.allclose(again[~mask], out[~mask])
 
@@ -318,17 +321,23 @@ def test_sample_mode_draws_each_prompt_with_guidance(text_run, tmp_path, caplog)
   with np.load(npz) as f:
     assert list(f["prompts"]) == ["a blue triangle", "a small red circle at the top"]
     assert float(f["guidance_scale"]) == 3.0 and f["samples"].shape == (6, 8, 8, 3)
+  # The single prompts below: the samples --mode=sample draws (`draw_with`, no files written),
+  # one compiled sampler per guidance scale.
+  run = run_lib.make_run(config)
+  params = sample_mode.restore(run, str(workdir)).ema_params
+  guided = run.sample_fn()
   # One prompt with a word the tokenizer has never seen: a warning, and images all the same.
   config.sample.prompts_file = ""
   config.sample.prompt = "a purple triangle"
   with caplog.at_level(logging.WARNING):
-    _, _, odd = sample_mode.sample_from_checkpoint(config, str(workdir))
+    odd = sample_mode.draw_with(run, guided, params, config, 3)
   assert "'purple'" in caplog.text and odd.shape == (3, 8, 8, 3)
   # The empty prompt is unconditional: with any guidance scale it draws what scale 0 draws.
   config.sample.prompt = ""
-  _, _, empty = sample_mode.sample_from_checkpoint(config, str(workdir))
+  empty = sample_mode.draw_with(run, guided, params, config, 3)
   config.sample.prompt, config.sample.guidance_scale = "a blue triangle", 0.0
-  _, _, unconditional = sample_mode.sample_from_checkpoint(config, str(workdir))
+  run = run_lib.make_run(config)
+  unconditional = sample_mode.draw_with(run, run.sample_fn(), params, config, 3)
   # (Up to a rounding step of a pixel: the guided call runs the network on a batch twice as big.)
   assert np.abs(empty.astype(int) - unconditional.astype(int)).max() <= 1
 

@@ -56,11 +56,25 @@ def copy_tree(tree):
 # ---------------------------------------------------------------- steps per call
 
 
+# A 7-step run with 4 steps per call (log every 5, save every 3). Dropout on, so that the per-step
+# keys matter; warm-up 0, so that every step moves the params. Both groups of tests below use it,
+# so that they compile the same programs (the looped and the plain step, the init).
+MULTI_OVERRIDES = {
+  "model.dropout": 0.1,
+  "train.warmup_steps": 0,
+  "train.steps_per_call": 4,
+  "train.num_steps": 7,
+  "train.log_every": 5,
+  "train.checkpoint_every": 3,
+  "train.sample_every": 0,
+  "train.num_grid_samples": 0,
+  "train.keep_checkpoints": 10,
+}
+
+
 @pytest.fixture(scope="module")
 def multi_setup(tiny_config):
-  # Dropout on, so that the per-step keys matter; warm-up 0, so that every step moves the params.
-  config = tiny_config({"model.dropout": 0.1, "train.warmup_steps": 0})
-  run = run_lib.make_run(config)
+  run = run_lib.make_run(tiny_config(MULTI_OVERRIDES))
   state = jax.device_get(run.init_state(rng.stream_key(0, rng.INIT)))
   images = np.random.default_rng(0).integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
   return run, state, images
@@ -69,13 +83,14 @@ def multi_setup(tiny_config):
 def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
   run, state0, images = multi_setup
   key = rng.stream_key(0, rng.TRAIN)
-  looped = step_lib.compile_train_step(run, steps_per_call=3)
+  k = run.train.steps_per_call
+  looped = step_lib.compile_train_step(run, steps_per_call=k)
 
   def run_calls(split):
     state, first = copy_tree(state0), 0
     for n in split:
       # The call reads batches[:n]; the rest of the k slots are filler.
-      rows = np.concatenate([images[first : first + n], images[:1].repeat(3 - n, axis=0)])
+      rows = np.concatenate([images[first : first + n], images[:1].repeat(k - n, axis=0)])
       batch = parallel.put_batch({"image": rows}, run.mesh, axis=1)
       state, metrics = looped(state, batch, n, key)
       first += n
@@ -110,17 +125,8 @@ def test_steps_per_call_does_not_depend_on_the_split(multi_setup):
 
 @pytest.fixture(scope="module")
 def multi_runs(tiny_config, tmp_path_factory):
-  """A 7-step run with 4 steps per call (log every 5, save every 3), straight and resumed at 4."""
-  overrides = {
-    "model.dropout": 0.1,
-    "train.steps_per_call": 4,
-    "train.num_steps": 7,
-    "train.log_every": 5,
-    "train.checkpoint_every": 3,
-    "train.sample_every": 0,
-    "train.num_grid_samples": 0,
-    "train.keep_checkpoints": 10,
-  }
+  """The MULTI_OVERRIDES run straight, resumed at 4, and with one step per call."""
+  overrides = MULTI_OVERRIDES
   straight = str(tmp_path_factory.mktemp("straight"))
   train.train_and_evaluate(tiny_config(overrides), straight)
   resumed = str(tmp_path_factory.mktemp("resumed"))
@@ -166,8 +172,10 @@ def test_bad_fast_path_settings_are_config_errors(tiny_config, overrides, messag
 
 # ---------------------------------------------------------------- the network
 
-# Two levels (one Upsample), attention at 4x4 with two heads, dropout; XLA's convolutions.
-NET = unet.unet_config_from({**TINY, "conv": "xla"})
+# Two levels (one Downsample/Upsample), attention at 4x4 with two heads (in the middle and on the
+# up path), ResBlocks with and without a NIN shortcut, dropout; XLA's convolutions. No ResBlocks on
+# the down path: every kind of layer, in fewer layers to compile.
+NET = unet.unet_config_from({**TINY, "conv": "xla", "num_res_blocks": 0})
 
 
 def _net_inputs():
@@ -178,15 +186,16 @@ def _net_inputs():
 
 
 def _random_params(config, x, t):
-  """Unit-scale random parameters (the init's zero layers would hide differences)."""
+  """Unit-scale random parameters (the init's zero layers would hide differences), drawn with
+  NumPy: jax.random would compile a program per parameter shape."""
   shapes = jax.eval_shape(unet.UNet(config).init, jax.random.key(0), x, t)["params"]
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  drawn = [
-    jax.random.normal(k, s.shape) / math.sqrt(math.prod(s.shape[:-1]) if len(s.shape) > 1 else 10)
-    for k, s in zip(keys, leaves, strict=True)
-  ]
-  return jax.tree.unflatten(treedef, drawn)
+  np_rng = np.random.default_rng(1)
+
+  def draw(s):
+    scale = math.sqrt(math.prod(s.shape[:-1]) if len(s.shape) > 1 else 10)
+    return jnp.asarray(np_rng.normal(size=s.shape) / scale, jnp.float32)
+
+  return jax.tree.map(draw, shapes)
 
 
 def _loss_and_grads(config, params, x, t):
@@ -314,7 +323,7 @@ def test_cudnn_flash_attention_matches_the_plain_one_on_a_gpu():
 # bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%), in every layer's inputs and
 # weights; float32 parameters, GroupNorm statistics, softmax and loss keep the error from
 # growing with depth. The stated bound: the loss within 0.5%, the gradient within 2% (relative
-# L2 norm); this network gives 0.03% and 0.55%.
+# L2 norm); this network gives 0.12% and 0.79%.
 BF16_LOSS_BOUND = 0.005
 BF16_GRAD_BOUND = 0.02
 

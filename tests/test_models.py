@@ -364,9 +364,12 @@ def test_space_to_depth_layout_and_inverse():
 
 
 def _network_under(choice, value, seed):
-  """(output, parameters' gradient of a squared loss, the gradient's jaxpr, parameters) of the tiny
-  U-Net on random parameters, with the speed path `choice` of `FastPaths` set to `value`."""
-  return _network(_config(fast={choice: value}), seed)
+  """(output, parameters' gradient of a squared loss, the gradient's jaxpr, parameters) of a
+  small U-Net on random parameters, with the speed path `choice` of `FastPaths` set to `value`.
+
+  The tiny network without the down path's ResBlocks: still two levels (one Downsample and
+  Upsample), ResBlocks with and without a NIN shortcut, attention in the middle and at 4x4."""
+  return _network(_config(num_res_blocks=0, fast={choice: value}), seed)
 
 
 @functools.cache
@@ -374,11 +377,15 @@ def _network(config, seed):
   # Cached: the plain network (every speed path off) is the reference of more than one test.
   x, t = _inputs(seed=seed)
   params = _random_params(config, x, t)
-  apply = lambda p: models.UNet(config).apply({"params": p}, x, t)
-  grad = jax.grad(lambda p: jnp.sum(jnp.square(apply(p))))
-  # One trace gives both the jaxpr and the compiled gradient.
-  traced = jax.jit(grad).trace(params)
-  return jax.jit(apply)(params), traced.lower().compile()(params), str(traced.jaxpr), params
+
+  def loss(p):
+    out = models.UNet(config).apply({"params": p}, x, t)
+    return jnp.sum(jnp.square(out)), out
+
+  # One trace gives both the jaxpr and one compiled program for the gradient and the output.
+  traced = jax.jit(jax.grad(loss, has_aux=True)).trace(params)
+  grads, out = traced.lower().compile()(params)
+  return out, grads, str(traced.jaxpr), params
 
 
 def _assert_equal_up_to_rounding(want, got):
@@ -409,22 +416,30 @@ def test_res_block_reads_parts_as_their_concatenation(out_channels):
   both = jnp.concatenate([h, skip], axis=-1)
   # Groups of 3 channels: one straddles the cut between h and skip.
   block = layers.ResBlock(out_channels, num_groups=4)
-  params = block.init(jax.random.key(0), both, temb)
-  from_parts = block.init(jax.random.key(0), (h, skip), temb)
+  # Jitted (eager dispatch compiles every operation on its own); threefry's initialisers are slow
+  # to compile on a CPU, and any key implementation draws the same way from both inputs.
+  init = jax.jit(block.init)
+  key = jax.random.key(0, impl="unsafe_rbg")
+  params = init(key, both, temb)
+  from_parts = init(key, (h, skip), temb)
   assert jax.tree.structure(params) == jax.tree.structure(from_parts)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(from_parts), strict=True):
     np.testing.assert_array_equal(a, b)
   # Random parameters, so that the zero-initialised layers do not hide anything.
   params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
   w = jnp.asarray(rng.normal(size=(2, 4, 4, out_channels)), jnp.float32)
-  loss = lambda x: jnp.sum(block.apply(params, x, temb) * w)
-  np.testing.assert_allclose(
-    block.apply(params, (h, skip), temb), block.apply(params, both, temb), rtol=1e-5, atol=1e-5
-  )
-  dh, dskip = jax.grad(loss)((h, skip))
-  np.testing.assert_allclose(
-    jnp.concatenate([dh, dskip], axis=-1), jax.grad(loss)(both), rtol=1e-5, atol=1e-5
-  )
+
+  def loss(x):
+    out = block.apply(params, x, temb)
+    return jnp.sum(out * w), out
+
+  # The output and the gradient of its product with w, one program per input structure.
+  out_and_grad = jax.jit(jax.grad(loss, has_aux=True))
+  (dh, dskip), out_parts = out_and_grad((h, skip))
+  d_both, out_both = out_and_grad(both)
+  assert out_parts.shape == (2, 4, 4, out_channels)
+  np.testing.assert_allclose(out_parts, out_both, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate([dh, dskip], axis=-1), d_both, rtol=1e-5, atol=1e-5)
 
 
 def test_up_path_in_parts_is_the_concatenated_network():

@@ -3,7 +3,11 @@
 weights (tests/fixtures/fid_inception)."""
 
 import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +25,8 @@ pytestmark = [
   pytest.mark.filterwarnings("ignore:Matrix is singular"),
 ]
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "fid_inception"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "fid_inception"
 SIZE = 16
 
 
@@ -149,6 +154,43 @@ def test_features_do_not_depend_on_the_batch_size(weights_file, pictures):
     a, b = by_batch[2][name], by_batch[4][name]
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_figures_do_not_depend_on_the_device_count(
+  weights_file, pictures, tmp_path, fast_compile_env
+):
+  """--mode=eval on 4 simulated devices (a batch of 4: one image per device, then a padded
+  batch) gives the features and figures of 1 device."""
+  results = {}
+  for devices in (1, 4):
+    folder = tmp_path / str(devices)
+    folder.mkdir()
+    shutil.copy(pictures["npz"], folder / "generated.npz")
+    fields = {
+      "metrics": "kid,pr",
+      "images": str(folder / "generated.npz"),
+      "reference": str(pictures["reference"]),
+    }
+    config = _config(weights_file, **fields)
+    if devices == 1:
+      quality_mode.evaluate(config, "")
+    else:
+      names = {*fields, "inception_weights", "batch_size", "kid_subset_size"}
+      command = [sys.executable, str(ROOT / "main.py"), "--config=shapes", "--mode=eval"]
+      command += [f"--config.data.image_size={SIZE}"]
+      command += [f"--config.eval.{name}={config.eval[name]}" for name in sorted(names)]
+      env = {**os.environ, **fast_compile_env, "JAX_PLATFORMS": "cpu"}
+      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+      done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+      assert done.returncode == 0, done.stderr[-2000:]
+    (cached,) = (folder / "eval_reference").glob("reference_*.npz")
+    with np.load(cached) as archive:
+      pool = archive["pool"]
+    results[devices] = (json.loads((folder / "generated_metrics.json").read_text()), pool)
+  (one, pool_one), (four, pool_four) = results[1], results[4]
+  np.testing.assert_allclose(pool_four, pool_one, rtol=1e-5, atol=1e-6 * np.abs(pool_one).max())
+  for name in ("kid", "kid_std", "precision", "recall"):
+    assert four[name] == pytest.approx(one[name], rel=1e-4, abs=1e-7), name
 
 
 def test_figures_during_training_equal_those_of_eval_mode(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.core import rendering, scene, schedules, sds
+from diffusion_jax.models.autoencoder import Autoencoder, AutoencoderConfig
 from diffusion_jax.testing import analytic
 
 T = 1000
@@ -197,3 +198,26 @@ def test_through_a_renderer_only_the_renderer_is_differentiated():
   for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   assert float(jnp.max(jnp.abs(grad.density))) > 0
+
+
+def test_through_an_encoder_the_latent_gradient_flows_back_to_the_pixels():
+  """Latent SDS: ∂L/∂x = (∂z/∂x)ᵀ g(z) for z = s · E(x).mean, with g the SDS gradient in
+  latent space; the encoder is differentiated, the network in latent space is not."""
+  model = Autoencoder(
+    AutoencoderConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4, z_channels=2)
+  )
+  images = jax.random.uniform(jax.random.key(16), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+  params = model.init(jax.random.key(17), images)["params"]
+  encode = lambda x: 0.7 * model.apply({"params": params}, x, method=Autoencoder.encode).mean
+  schedule, key = _schedule(), jax.random.key(18)
+  grad = jax.jit(jax.grad(lambda x: sds.sds_loss(schedule, _network, encode(x), key)[0]))(images)
+
+  @jax.jit
+  def chain_rule(x):
+    latents, vjp = jax.vjp(encode, x)
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(2))
+    t, noise = sds.draw_sds_t_and_noise(schedule, keys, latents.shape)
+    return vjp(sds.sds_grad(schedule, _network, latents, t, noise))[0]
+
+  np.testing.assert_allclose(grad, chain_rule(images), rtol=1e-5, atol=1e-7)
+  assert grad.shape == images.shape and float(jnp.max(jnp.abs(grad))) > 0

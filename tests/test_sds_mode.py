@@ -1,15 +1,26 @@
-"""Tests of --mode=sds (`experiment/sds_mode.py`): score distillation against a tiny prior run,
-its outputs, exact resumption, reproducibility and its one-line errors."""
+"""Tests of --mode=sds (`experiment/sds_mode.py`): score distillation against a tiny prior run
+(pixel or latent space) or a tiny Stable Diffusion folder, its outputs, exact resumption,
+reproducibility and its one-line errors."""
 
+import json
 import os
+import pathlib
 
+import jax
 import numpy as np
 import pytest
 from run_files import write_run
 
-from configs import shapes_sds
-from diffusion_jax.experiment import sds_mode
+from configs import shapes_autoencoder, shapes_sds
+from diffusion_jax import pretrained
+from diffusion_jax.experiment import latent, sds_mode, sds_prior
+from diffusion_jax.models.autoencoder import Autoencoder
+from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime.errors import ConfigError
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+SD1 = FIXTURES / "sd_pipelines" / "sd1"
+DDPM = FIXTURES / "diffusers_ddpm_unet" / "pipeline"
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +112,87 @@ def test_the_prior_must_exist_and_be_conditional(tmp_path, tiny_config):
   write_run(tiny_config(), unconditional)
   with pytest.raises(ConfigError, match="text- or class-conditional"):
     sds_mode.run_sds(_config(unconditional), str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------ latent and Stable Diffusion priors
+
+
+@pytest.fixture(scope="module")
+def latent_prior(tmp_path_factory, tiny_config):
+  """A text-conditional latent run (random weights) on a 16x16 -> 4x4x4 autoencoder's latents."""
+  root = tmp_path_factory.mktemp("latent_prior")
+  ae_config = shapes_autoencoder.get_config()
+  for name, value in {
+    "data.image_size": 16,
+    "autoencoder.channels": 8,
+    "autoencoder.channel_mult": (1, 2, 2),
+    "autoencoder.num_res_blocks": 1,
+    "autoencoder.num_groups": 4,
+  }.items():
+    section, field = name.split(".")
+    ae_config[section][field] = value
+  write_run(ae_config, str(root / "autoencoder"))
+  overrides = {
+    "data.image_size": 16,
+    "model.out_channels": 4,
+    "model.cross_attn_resolutions": (4,),
+    "latent.autoencoder_workdir": str(root / "autoencoder"),
+    "latent.scale_factor": 0.8,
+  }
+  write_run(tiny_config(overrides, text=True), str(root / "run"))
+  return str(root / "run"), str(root / "autoencoder")
+
+
+def test_a_latent_prior_sees_the_renders_through_its_encoder(latent_prior, tmp_path):
+  workdir, ae_workdir = latent_prior
+  config = _config(workdir, mode="2d", num_steps=2, tv_weight=100.0)
+  s = sds_mode.read_settings(config)
+  prior = sds_mode.load_prior(config, s)
+  assert prior.kind == "latent" and prior.image_size == 16
+  # Its inputs are 0.8 times the posterior means of the autoencoder read back on its own.
+  model, params, _ = latent.load_autoencoder(ae_workdir, parallel.make_mesh())
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
+  mean = jax.jit(lambda x: model.apply({"params": params}, x, method=Autoencoder.encode).mean)
+  np.testing.assert_allclose(
+    jax.jit(prior.encode)(prior.params, images), 0.8 * mean(images), rtol=1e-6, atol=1e-7
+  )
+  sds_mode.run_sds(config, str(tmp_path))
+  views = _views(str(tmp_path))
+  assert views.shape == (4, 16, 16, 3) and len(np.unique(views)) > 1
+  with open(tmp_path / "sds" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["tv"] == 0.0 < records[1]["tv"]  # the grey start is flat; step 1 is not
+
+
+def test_the_stable_diffusion_prior_guides_away_from_the_negative_prompt(monkeypatch):
+  """Its denoiser is the pipeline's guided U-Net (`StableDiffusion.denoiser`, which the pipeline
+  tests hold to diffusers) on context [prompt × B; negative prompt × B]."""
+  sd = pretrained.load_stable_diffusion(str(SD1))
+  seen = {}
+
+  def denoiser(unet_params, context, scale):
+    seen.update(unet=unet_params, context=context, scale=scale)
+    return lambda x, t: x
+
+  monkeypatch.setattr(sd, "denoiser", denoiser)
+  prior = sds_prior.from_stable_diffusion(sd, "a red circle", "blurry", 3.0)
+  assert prior.image_size == 16 and prior.prediction == sd.scheduler.prediction
+  prior.denoiser(prior.params, 2)
+  want = sd.encode_prompt(["a red circle"] * 2 + ["blurry"] * 2)
+  np.testing.assert_allclose(seen["context"], want, rtol=1e-6, atol=1e-6)
+  assert seen["scale"] == 3.0 and seen["unet"] is prior.params["unet"]
+
+
+def test_stable_diffusion_from_disk_distils_renders_of_another_size(tmp_path):
+  config = _config("unused", mode="3d", num_steps=2, render_size=8)
+  config.pretrained = str(SD1)
+  sds_mode.run_sds(config, str(tmp_path))
+  views = _views(str(tmp_path))  # rendered at 8x8, resized to the prior's 16x16 in each step
+  assert views.shape == (4, 8, 8, 3) and not np.array_equal(views[0], views[1])
+
+
+def test_a_pipeline_without_prompts_is_no_prior(tmp_path):
+  config = _config("unused", mode="2d")
+  config.pretrained = str(DDPM)
+  with pytest.raises(ConfigError, match="not a text-to-image pipeline"):
+    sds_mode.run_sds(config, str(tmp_path))

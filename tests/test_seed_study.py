@@ -9,6 +9,7 @@ import types
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from run_files import load_state, read_metrics, trees_equal
@@ -52,6 +53,9 @@ def study(tiny_config, tmp_path_factory):
 
 def test_each_seed_of_the_study_equals_its_single_run(study, tiny_config):
   fresh = {}
+  run = run_lib.make_run(tiny_config())
+  # One program for every seed's initial state (the seed only enters through the key).
+  init = jax.jit(lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key))
   for seed in SEEDS:
     config = tiny_config({"seed": seed})
     member = studies.member_workdir(study.workdir, seed)
@@ -65,9 +69,7 @@ def test_each_seed_of_the_study_equals_its_single_run(study, tiny_config):
     assert len(got_losses) == config.train.num_steps
     np.testing.assert_allclose(got_losses, want_losses, rtol=LOSS_RTOL)
     assert study.last[seed]["loss"] == pytest.approx(want_losses[-1], rel=LOSS_RTOL)
-    run = run_lib.make_run(config)
-    init_key = rng.stream_key(seed, rng.INIT)
-    fresh[seed] = jax.device_get(step_lib.init_state(run.model, run.tx, run.image_shape, init_key))
+    fresh[seed] = jax.device_get(init(rng.stream_key(seed, rng.INIT)))
     # Training moved the params far more than the tolerance, so a wrong step would show.
     assert max_abs_diff(got.params, fresh[seed].params) > 100 * PARAM_ATOL
   # The seeds are different models (different init, data order and noise).
@@ -111,52 +113,70 @@ def test_study_layout_and_summary(study):
     assert json.load(f) == summary
 
 
-@pytest.mark.parametrize("seed_batching", ["vmap", "unroll"])
-def test_seed_study_step_with_dropout_matches_single_steps(tiny_config, seed_batching):
-  config = tiny_config(
-    {"model.dropout": 0.1, "train.warmup_steps": 0, "train.seed_batching": seed_batching}
-  )
+DROPOUT_SEEDS = (3, 4)
+
+
+@pytest.fixture(scope="module")
+def dropout_steps(tiny_config):
+  """Two single steps with dropout of seeds 3 and 4 from their initial states, on batches of
+  random pixels: the states and losses a seed study's step must reproduce."""
+  config = tiny_config({"model.dropout": 0.1, "train.warmup_steps": 0})
   run = run_lib.make_run(config)
   init = jax.jit(lambda key: step_lib.init_state(run.model, run.tx, run.image_shape, key))
-  seeds = (3, 4)
-  states = [init(rng.stream_key(s, rng.INIT)) for s in seeds]
-  keys = [rng.stream_key(s, rng.TRAIN) for s in seeds]
+  keys = [rng.stream_key(s, rng.TRAIN) for s in DROPOUT_SEEDS]
   rows = np.random.default_rng(0).integers(0, 256, (2, 2, 4, 8, 8, 3), dtype=np.uint8)
   single = step_lib.compile_train_step(run)
-  stacked = step_lib.compile_train_step(run, num_seeds=len(seeds))
   expected = []
-  for i in range(len(seeds)):
-    state, losses = states[i], []
+  for i, seed in enumerate(DROPOUT_SEEDS):
+    state, losses = init(rng.stream_key(seed, rng.INIT)), []
     for step in range(2):
       state, metrics = single(
         state, parallel.put_batch({"image": rows[step, i]}, run.mesh), keys[i]
       )
       losses.append(float(metrics["loss"]))
     expected.append((jax.device_get(state), losses))
-  state = train._stack(*[init(rng.stream_key(s, rng.INIT)) for s in seeds])
+  # Dropout is on: without it the same steps give other params (the dropped activations feed
+  # the weight gradients of the layers after them).
+  no_dropout = step_lib.compile_train_step(run_lib.make_run(tiny_config({"train.warmup_steps": 0})))
+  state = init(rng.stream_key(DROPOUT_SEEDS[0], rng.INIT))
+  for step in range(2):
+    batch = parallel.put_batch({"image": rows[step, 0]}, run.mesh)
+    state, _ = no_dropout(state, batch, keys[0])
+  without_dropout = jax.device_get(state)
+  return types.SimpleNamespace(
+    config=config,
+    init=init,
+    keys=keys,
+    rows=rows,
+    expected=expected,
+    without_dropout=without_dropout,
+  )
+
+
+@pytest.mark.parametrize("seed_batching", ["vmap", "unroll"])
+def test_seed_study_step_with_dropout_matches_single_steps(dropout_steps, seed_batching):
+  d = dropout_steps
+  config = ml_collections.ConfigDict(d.config.to_dict())
+  config.train.seed_batching = seed_batching
+  run = run_lib.make_run(config)
+  stacked = step_lib.compile_train_step(run, num_seeds=len(DROPOUT_SEEDS))
+  state = train._stack(*[d.init(rng.stream_key(s, rng.INIT)) for s in DROPOUT_SEEDS])
   losses = []
   for step in range(2):
-    batch = parallel.put_batch({"image": rows[step]}, run.mesh, axis=1)
-    state, metrics = stacked(state, batch, jnp.stack(keys))
+    batch = parallel.put_batch({"image": d.rows[step]}, run.mesh, axis=1)
+    state, metrics = stacked(state, batch, jnp.stack(d.keys))
     losses.append(np.asarray(metrics["loss"]))
   state = jax.device_get(state)
-  assert np.shape(metrics["param_norm"]) == (len(seeds),)
-  for i in range(len(seeds)):
-    want_state, want_losses = expected[i]
+  assert np.shape(metrics["param_norm"]) == (len(DROPOUT_SEEDS),)
+  for i in range(len(DROPOUT_SEEDS)):
+    want_state, want_losses = d.expected[i]
     got = jax.tree.map(lambda x, i=i: x[i], state)
     assert max_abs_diff(got.params, want_state.params) < PARAM_ATOL
     # param_norm, added once per call, is each seed's own.
     norm = np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(got.params)]))
     np.testing.assert_allclose(float(metrics["param_norm"][i]), norm, rtol=1e-5)
     np.testing.assert_allclose([loss[i] for loss in losses], want_losses, rtol=LOSS_RTOL)
-  # Dropout is on: without it the same steps give other params (the dropped activations feed
-  # the weight gradients of the layers after them).
-  no_dropout = step_lib.compile_train_step(run_lib.make_run(tiny_config({"train.warmup_steps": 0})))
-  state = init(rng.stream_key(seeds[0], rng.INIT))
-  for step in range(2):
-    batch = parallel.put_batch({"image": rows[step, 0]}, run.mesh)
-    state, _ = no_dropout(state, batch, keys[0])
-  assert max_abs_diff(jax.device_get(state).params, expected[0][0].params) > 10 * PARAM_ATOL
+  assert max_abs_diff(d.without_dropout.params, d.expected[0][0].params) > 10 * PARAM_ATOL
 
 
 def test_study_resumes_from_the_newest_step_every_seed_has(study, tmp_path):

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from run_files import load_state, read_metrics, trees_equal
+from run_files import load_state, random_params, read_metrics, trees_equal
 
 from diffusion_jax.core import diffusion, rng
 from diffusion_jax.experiment import generate, optim, sample_mode, train
@@ -208,7 +208,8 @@ def test_different_seed_gives_different_params(reference, tiny_config, tmp_path)
 
 @pytest.fixture(scope="module")
 def step_setup(reference, tiny_config, tmp_path_factory):
-  """A jitted train step of the tiny model with dropout, a trained and a fresh state, a batch."""
+  """A jitted train step of the tiny model with dropout and the config's prediction (v), the loss
+  it must compute example by example, a trained and a fresh state, a batch."""
   config = tiny_config({"model.dropout": 0.1})
   run = run_lib.make_run(config)
   step_fn = jax.jit(
@@ -218,15 +219,44 @@ def step_setup(reference, tiny_config, tmp_path_factory):
       schedule=run.schedule,
       tx=run.tx,
       train_config=config.train,
+      prediction=config.diffusion.prediction,
     )
   )
+
+  @jax.jit
+  def expected_loss(params, image, loss_keys, dropout_keys):
+    """{prediction: mean_j simple_loss(x0_j, loss_keys[j])} for v and eps, the network on
+    example j alone with dropout from dropout_keys[j]."""
+    x0 = image.astype(jnp.float32) / 127.5 - 1.0
+    losses = {"v": [], "eps": []}
+    for j in range(x0.shape[0]):
+
+      def denoise_fn(x_t, t, j=j):
+        return run.model.apply(
+          {"params": params}, x_t, t, train=True, dropout_keys=dropout_keys[j][None]
+        )
+
+      for prediction, values in losses.items():
+        values.append(
+          diffusion.simple_loss(
+            run.schedule, denoise_fn, x0[j : j + 1], loss_keys[j], prediction=prediction
+          )[0]
+        )
+    return {prediction: jnp.mean(jnp.stack(values)) for prediction, values in losses.items()}
+
   empty = checkpoints.CheckpointStore(str(tmp_path_factory.mktemp("fresh")))
   fresh = jax.device_get(run_lib.restore_or_init(run, empty))
   empty.close()
   trained = load_state(config, reference.workdir, step=3)
   batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
   return types.SimpleNamespace(
-    config=config, run=run, step_fn=step_fn, fresh=fresh, trained=trained, batch=batch
+    config=config,
+    run=run,
+    step_fn=step_fn,
+    expected_loss=expected_loss,
+    fresh=fresh,
+    trained=trained,
+    batch=batch,
   )
 
 
@@ -376,29 +406,18 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
   (loss_key_j, dropout_key_j) = split(fold_in(fold_in(train_key, step), j)): the network on the
   whole batch gives each example the loss it has alone."""
   s = step_setup
-  model, schedule = s.run.model, s.run.schedule
   batch_size = s.batch["image"].shape[0]
 
-  @jax.jit
-  def expected_loss(params, image, loss_keys, dropout_keys):
-    x0 = image.astype(jnp.float32) / 127.5 - 1.0
-    losses = []
-    for j in range(batch_size):
-
-      def denoise_fn(x_t, t, j=j):
-        return model.apply(
-          {"params": params}, x_t, t, train=True, dropout_keys=dropout_keys[j][None]
-        )
-
-      losses.append(diffusion.simple_loss(schedule, denoise_fn, x0[j : j + 1], loss_keys[j])[0])
-    return jnp.mean(jnp.stack(losses))
+  def expected_loss(*args):
+    return s.expected_loss(*args)["v"]
 
   train_key = rng.stream_key(7, rng.TRAIN)
   # Perturbed parameters: after a few steps the zero-initialised last layers are still nearly
-  # zero, which would hide the dropout masks (and so the dropout keys) from the loss.
+  # zero, which would hide the dropout masks (and so the dropout keys) from the loss; against
+  # the v target (of unit scale at every noise level) the network's output must be large too.
   noise = np.random.default_rng(1)
   params = jax.tree.map(
-    lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), s.trained.params
+    lambda x: x + 0.3 * noise.standard_normal(x.shape).astype(x.dtype), s.trained.params
   )
   state = s.trained.replace(params=params)
   step_key = jax.random.fold_in(train_key, int(state.step))
@@ -418,89 +437,62 @@ def test_loss_uses_the_documented_per_example_keys(step_setup):
   assert shifted != pytest.approx(expected, rel=1e-3)
 
 
-def test_train_step_without_dropout_uses_the_same_per_example_keys(tiny_config):
+def test_train_step_without_dropout_uses_the_same_per_example_keys(reference):
   """Without dropout the model runs once on the whole batch; the loss is the same formula."""
-  config = tiny_config({"model.dropout": 0.0})
-  run = run_lib.make_run(config)
+  run = run_lib.make_run(reference.config)
   assert not step_lib._uses_dropout(run.model)
-  step_fn = jax.jit(
-    functools.partial(
-      step_lib.train_step,
-      model=run.model,
-      schedule=run.schedule,
-      tx=run.tx,
-      train_config=config.train,
-      prediction="v",
-    )
-  )
-  params = run.model.init(
-    jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32), train=False
-  )["params"]
+  assert run.diffusion.prediction == "v"
+  # The step training uses (the reference run's program).
+  step_fn = step_lib.compile_train_step(run)
   # Random last layers: a freshly initialised U-Net outputs zeros, whatever t and noise it sees.
-  noise = np.random.default_rng(2)
-  params = jax.tree.map(lambda x: x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype), params)
+  params = random_params(run, scale=0.1)
   state = step_lib.TrainState(
-    step=jnp.int32(4), params=params, ema_params=params, opt_state=run.tx.init(params)
+    step=jnp.int32(4),
+    params=copy_tree(params),
+    ema_params=copy_tree(params),
+    opt_state=run.tx.init(params),
   )
   batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
   train_key = rng.stream_key(5, rng.TRAIN)
   step_key = jax.random.fold_in(train_key, 4)
-  x0 = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
-  denoise_fn = lambda x_t, t: run.model.apply({"params": params}, x_t, t, train=False)
+
+  @jax.jit
+  def per_example_losses(params, image, loss_keys):
+    x0 = image.astype(jnp.float32) / 127.5 - 1.0
+    denoise_fn = lambda x_t, t: run.model.apply({"params": params}, x_t, t, train=False)
+    losses = [
+      diffusion.simple_loss(run.schedule, denoise_fn, x0[j : j + 1], key, prediction="v")[0]
+      for j, key in enumerate(loss_keys)
+    ]
+    return jnp.stack(losses)
 
   def expected(order):
-    losses = [
-      diffusion.simple_loss(
-        run.schedule,
-        denoise_fn,
-        x0[j : j + 1],
-        jax.random.split(jax.random.fold_in(step_key, k))[0],
-        prediction="v",
-      )[0]
-      for j, k in enumerate(order)
-    ]
-    return float(jnp.mean(jnp.stack(losses)))
+    loss_keys = jnp.stack([jax.random.split(jax.random.fold_in(step_key, k))[0] for k in order])
+    return float(jnp.mean(per_example_losses(params, batch["image"], loss_keys)))
 
+  expected_in_order, expected_reversed = expected([0, 1, 2, 3]), expected([3, 2, 1, 0])
   _, metrics = step_fn(state, batch, train_key)
-  assert float(metrics["loss"]) == pytest.approx(expected([0, 1, 2, 3]), rel=1e-5)
-  assert float(metrics["loss"]) != pytest.approx(expected([3, 2, 1, 0]), rel=1e-3)
+  assert float(metrics["loss"]) == pytest.approx(expected_in_order, rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(expected_reversed, rel=1e-3)
 
 
 def test_train_step_loss_follows_the_configured_prediction(step_setup):
   """With prediction="v" the step's loss is L_simple against v, for the same per-example keys."""
   s = step_setup
-  step_fn = jax.jit(
-    functools.partial(
-      step_lib.train_step,
-      model=s.run.model,
-      schedule=s.run.schedule,
-      tx=s.run.tx,
-      train_config=s.config.train,
-      prediction="v",
-    )
-  )
+  assert s.config.diffusion.prediction == "v"
   train_key = rng.stream_key(3, rng.TRAIN)
   state = s.trained
   step_key = jax.random.fold_in(train_key, int(state.step))
-  x0 = jnp.asarray(s.batch["image"], jnp.float32) / 127.5 - 1.0
+  batch_size = s.batch["image"].shape[0]
+  pairs = [jax.random.split(jax.random.fold_in(step_key, j)) for j in range(batch_size)]
+  loss_keys = jnp.stack([p[0] for p in pairs])
+  dropout_keys = jnp.stack([p[1] for p in pairs])
 
-  def expected(prediction):
-    losses = []
-    for j in range(x0.shape[0]):
-      loss_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, j))
-      denoise_fn = lambda x_t, t, k=dropout_key: s.run.model.apply(
-        {"params": state.params}, x_t, t, train=True, dropout_keys=k[None]
-      )
-      losses.append(
-        diffusion.simple_loss(
-          s.run.schedule, denoise_fn, x0[j : j + 1], loss_key, prediction=prediction
-        )[0]
-      )
-    return float(jnp.mean(jnp.stack(losses)))
+  expected = s.expected_loss(state.params, s.batch["image"], loss_keys, dropout_keys)
 
-  _, metrics = step_fn(state, s.batch, train_key)
-  assert float(metrics["loss"]) == pytest.approx(expected("v"), rel=1e-5)
-  assert float(metrics["loss"]) != pytest.approx(expected("eps"), rel=1e-2)
+  _, metrics = s.step_fn(state, s.batch, train_key)
+  assert float(metrics["loss"]) == pytest.approx(float(expected["v"]), rel=1e-5)
+  assert float(metrics["loss"]) != pytest.approx(float(expected["eps"]), rel=1e-2)
 
 
 # ---------------------------------------------------------------- sampling from a checkpoint
@@ -623,10 +615,10 @@ def last_record_per_step(workdir):
 
 @pytest.fixture(scope="module")
 def interrupted(reference, tmp_path_factory, tiny_overrides, fast_compile_env):
-  """The reference config through main.py, stopped once and then run again to the end.
+  """The reference config through main.py, stopped once, then trained on to the end.
 
   kill: SIGKILL in step 5, once the checkpoint of step 3 is on disk. term: SIGTERM in step 4
-  (not a checkpoint step). Both start together, then both restarts (same command, no signal).
+  (not a checkpoint step). Both start together; then each is resumed with the same config.
   """
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env = {**env, "JAX_PLATFORMS": "cpu", **fast_compile_env}
@@ -643,14 +635,12 @@ def interrupted(reference, tmp_path_factory, tiny_overrides, fast_compile_env):
     name: types.SimpleNamespace(steps=saved_steps(w), metrics=read_metrics(w))
     for name, w in (("kill", kill), ("term", term))
   }
-  # The step is past the number of batches, so no signal is sent.
-  second = {
-    name: start_worker("SIGTERM", 100, "-", w, tiny_overrides, env)
-    for name, w in (("kill", kill), ("term", term))
-  }
-  second = {name: finish(process) for name, process in second.items()}
+  # The restarts run the same config in this process (what main.py calls): an exception fails
+  # the fixture.
+  for workdir in (kill, term):
+    train.train_and_evaluate(reference.config, workdir)
   return types.SimpleNamespace(
-    workdirs={"kill": kill, "term": term}, first=first, after_stop=after_stop, second=second
+    workdirs={"kill": kill, "term": term}, first=first, after_stop=after_stop
   )
 
 
@@ -671,8 +661,6 @@ def test_sigkill_after_a_checkpoint_loses_only_the_later_steps(reference, interr
   # Steps 1..4 were logged, only step 3 was saved: the restart redoes steps 4..6.
   assert interrupted.after_stop["kill"].steps == [3]
   assert [r["step"] for r in interrupted.after_stop["kill"].metrics] == [1, 2, 3, 4]
-  restarted = interrupted.second["kill"]
-  assert restarted.returncode == 0, restarted.stderr
   records = read_metrics(interrupted.workdirs["kill"])
   assert [r["step"] for r in records] == [1, 2, 3, 4, 4, 5, 6]
   # Bitwise the uninterrupted run, and step 4 logs the same values both times.
@@ -690,8 +678,6 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(reference, interrupted
   assert [r["step"] for r in interrupted.after_stop["term"].metrics] == [1, 2, 3, 4]
   # The step-4 checkpoint holds the state of the uninterrupted run after 4 steps: resuming from
   # it logs steps 5 and 6 only and ends bitwise at the reference.
-  restarted = interrupted.second["term"]
-  assert restarted.returncode == 0, restarted.stderr
   records = read_metrics(interrupted.workdirs["term"])
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert_same_final_run(reference, interrupted.workdirs["term"])

@@ -37,7 +37,8 @@ def define_flags() -> None:
     "train (resumes from the workdir), sample (the latest checkpoint's EMA params, or the "
     "published weights of config.pretrained), eval (bits/dim of the latest checkpoint on "
     "eval.split), export (a fine-tuned Stable Diffusion run as a diffusers folder) or sds "
-    "(score distillation of sds.prompt with the prior run in sds.prior_workdir).",
+    "(score distillation of sds.prompt with the prior run in sds.prior_workdir, or Stable "
+    "Diffusion from config.pretrained).",
   )
   flags.DEFINE_bool(
     "distributed",

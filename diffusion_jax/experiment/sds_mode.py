@@ -1,9 +1,13 @@
-"""--mode=sds: score distillation (DreamFusion) with a trained conditional run as a frozen prior.
+"""--mode=sds: score distillation (DreamFusion) with a frozen diffusion model as the prior.
+
+The prior (`sds_prior`) is a trained text- or class-conditional run in `sds.prior_workdir`, in
+pixel or latent space, or Stable Diffusion from `config.pretrained` when that is set; a latent
+prior sees the renders through its autoencoder's encoder, and the gradient flows back through it.
 
 Each step renders `sds.batch_size` views of the parameters (3d: a voxel grid seen from random
 cameras on a sphere; 2d: one image, each view its own noise draw), noises them, and moves the
-parameters along w(t) (ε̂ − ε) of the prior for the prompt, through the renderer only
-(`core.sds.sds_loss`), plus the regularisers that keep a scene solid. Step s draws everything
+parameters along w(t) (ε̂ − ε) of the prior for the prompt, through the renderer (and encoder)
+only (`core.sds.sds_loss`), plus the regularisers that keep a scene solid. Step s draws everything
 from fold_in(stream_key(seed, SDS), s): a run is bitwise reproducible and resumes exactly.
 
 WORKDIR/sds/ gets checkpoints/ (step, parameters, Adam state), metrics.jsonl and loss.png, and
@@ -27,11 +31,10 @@ from PIL import Image
 
 from diffusion_jax import data
 from diffusion_jax.core import rendering, rng, scene, sds
+from diffusion_jax.experiment import pretrained_mode, sample_mode, saved_config, sds_prior
 from diffusion_jax.experiment import run as run_lib
-from diffusion_jax.experiment import sample_mode, saved_config
 from diffusion_jax.runtime import checkpoints, images, plots
 from diffusion_jax.runtime.errors import ConfigError
-from diffusion_jax.sampling import guidance
 
 MODES = ("3d", "2d")
 
@@ -42,6 +45,8 @@ class SdsSettings:
 
   prior_workdir: str
   prompt: str
+  negative_prompt: str
+  render_size: int
   mode: str
   num_steps: int
   batch_size: int
@@ -74,6 +79,8 @@ def read_settings(config: ml_collections.ConfigDict) -> SdsSettings:
   s = settings.from_section(SdsSettings, config.sds, "sds")
   if s.mode not in MODES:
     raise ConfigError(f"sds.mode={s.mode!r} is unknown; valid: {', '.join(MODES)}")
+  if int(s.render_size) < 0:
+    raise ConfigError(f"sds.render_size={s.render_size} must be 0 (the prior's size) or positive")
   for name in ("num_steps", "batch_size", "num_views", "log_every", "checkpoint_every"):
     if int(getattr(s, name)) < 1:
       raise ConfigError(f"sds.{name}={getattr(s, name)} must be a positive integer")
@@ -88,21 +95,26 @@ def read_settings(config: ml_collections.ConfigDict) -> SdsSettings:
   return s
 
 
-def load_prior(s: SdsSettings) -> tuple[run_lib.Run, dict]:
-  """The prior run in sds.prior_workdir and its EMA parameters."""
-  config = saved_config.load(s.prior_workdir)
-  if config is None:
+def load_prior(config: ml_collections.ConfigDict, s: SdsSettings) -> sds_prior.Prior:
+  """Stable Diffusion from config.pretrained when it is set, else the run in sds.prior_workdir."""
+  if config.get("pretrained"):
+    sd = pretrained_mode.load_pipeline(config)
+    if not hasattr(sd, "encode_prompt"):
+      raise ConfigError(
+        f"config.pretrained={config.pretrained!r} is not a text-to-image pipeline; score "
+        "distillation needs a prompt-conditional prior (Stable Diffusion)"
+      )
+    return sds_prior.from_stable_diffusion(sd, s.prompt, s.negative_prompt, s.guidance_scale)
+  prior_config = saved_config.load(s.prior_workdir)
+  if prior_config is None:
     raise ConfigError(
       f"sds.prior_workdir={s.prior_workdir!r} holds no trained run (no config.json); train one "
       "first, e.g. python main.py --config=shapes_text"
     )
-  run = run_lib.make_run(config)
-  if run.cond_kind == "none" or run.low_res_size or run.latent is not None:
-    raise ConfigError(
-      f"sds.prior_workdir={s.prior_workdir!r}: the prior must be a text- or class-conditional "
-      "pixel-space model"
-    )
-  return run, sample_mode.restore(run, s.prior_workdir).ema_params
+  run = run_lib.make_run(prior_config)
+  sds_prior.check_run(run, s.prior_workdir)
+  params = sample_mode.restore(run, s.prior_workdir).ema_params
+  return sds_prior.from_run(run, params, s.prompt, s.guidance_scale)
 
 
 def init_params(s: SdsSettings, key: jax.Array, image_shape: tuple[int, int, int]):
@@ -178,35 +190,33 @@ def ring_cameras(s: SdsSettings):
   return azimuth, elevation, distance
 
 
-def make_step(s: SdsSettings, prior: run_lib.Run, prior_params, tx):
-  """The jitted step (params, opt_state, step, seed_key) -> (params, opt_state, metrics), with
-  seed_key = stream_key(seed, SDS) (an argument: another seed compiles nothing new)."""
-  size = prior.image_shape[0]
-  condition = {k: jnp.asarray(v) for k, v in prior.prompt_condition([s.prompt]).items()}
-  condition = {k: jnp.repeat(v, s.batch_size, axis=0) for k, v in condition.items()}
-  apply_fn = lambda x_t, t, **c: prior.model.apply(
-    {"params": prior_params}, x_t, t, train=False, **c
-  )
-  denoise_fn = guidance.guided(
-    apply_fn,
-    condition,
-    s.guidance_scale,
-    num_classes=prior.num_classes,
-    data_channels=prior.image_shape[-1],
-  )
+def render_size(s: SdsSettings, prior: sds_prior.Prior) -> int:
+  """The size of the renders: sds.render_size, or 0 for the prior's own."""
+  return int(s.render_size) or prior.image_size
 
-  def loss_fn(params, key):
+
+def make_step(s: SdsSettings, prior: sds_prior.Prior, tx):
+  """The jitted step (params, opt_state, step, seed_key, prior_params) -> (params, opt_state,
+  metrics), with seed_key = stream_key(seed, SDS) (an argument: another seed compiles nothing
+  new) and the prior's weights `prior.params`. Renders of another size than the prior's are
+  resized bilinearly before its encoder."""
+  size = render_size(s, prior)
+
+  def loss_fn(params, key, prior_params):
     k_cam, k_rays, k_sds = jax.random.split(key, 3)
     views, opacity = render(s, params, random_cameras(s, k_cam, s.batch_size), size, k_rays)
+    if size != prior.image_size:
+      shape = (s.batch_size, prior.image_size, prior.image_size, 3)
+      views = jax.image.resize(views, shape, "linear")
     loss, aux = sds.sds_loss(
       prior.schedule,
-      denoise_fn,
-      views,
+      prior.denoiser(prior_params, s.batch_size),
+      prior.encode(prior_params, views),
       k_sds,
       t_range=(s.t_min, s.t_max),
       weighting=s.weighting,
-      prediction=prior.diffusion.prediction,
-      variance=prior.diffusion.variance,
+      prediction=prior.prediction,
+      variance=prior.variance,
       reduction="mean",
     )
     metrics = {"sds": loss, "grad_norm_sds": jnp.mean(aux["grad_norm"])}
@@ -222,10 +232,15 @@ def make_step(s: SdsSettings, prior: run_lib.Run, prior_params, tx):
         total = total + weight * value
         metrics[name] = value
       metrics["mean_opacity"] = jnp.mean(opacity)
+    elif s.tv_weight:  # 2d: the image's own smoothness
+      image = jnp.tanh(params["image"])
+      metrics["tv"] = sum(jnp.mean(jnp.square(jnp.diff(image, axis=a))) for a in (0, 1))
+      total = total + s.tv_weight * metrics["tv"]
     return total, metrics
 
-  def step_fn(params, opt_state, step, seed_key):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, jax.random.fold_in(seed_key, step))
+  def step_fn(params, opt_state, step, seed_key, prior_params):
+    key = jax.random.fold_in(seed_key, step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, key, prior_params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
@@ -248,11 +263,11 @@ def run_sds(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     ConfigError: bad sds settings, or a prior that is missing or unconditional.
   """
   s = read_settings(config)
-  prior, prior_params = load_prior(s)
-  size = prior.image_shape[0]
+  prior = load_prior(config, s)
+  size = render_size(s, prior)
   out = os.path.join(workdir, "sds")
   tx = optax.adam(s.learning_rate)
-  params = init_params(s, rng.stream_key(config.seed, rng.INIT), prior.image_shape)
+  params = init_params(s, rng.stream_key(config.seed, rng.INIT), (size, size, 3))
   state = {"step": 0, "params": params, "opt_state": tx.init(params)}
   store = checkpoints.CheckpointStore(os.path.join(out, "checkpoints"))
   try:
@@ -261,7 +276,7 @@ def run_sds(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     if restored is not None:
       state = flax.serialization.from_state_dict(state, restored[0])
       logging.info("sds: resumed at step %d", int(state["step"]))
-    step_fn = make_step(s, prior, prior_params, tx)
+    step_fn = make_step(s, prior, tx)
     seed_key = rng.stream_key(config.seed, rng.SDS)
     params, opt_state = state["params"], state["opt_state"]
     start = int(state["step"])
@@ -271,7 +286,9 @@ def run_sds(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     )
     with open(os.path.join(out, "metrics.jsonl"), "a") as log:
       for step in range(start, s.num_steps):
-        params, opt_state, metrics = step_fn(params, opt_state, jnp.int32(step), seed_key)
+        params, opt_state, metrics = step_fn(
+          params, opt_state, jnp.int32(step), seed_key, prior.params
+        )
         bar.update()
         done = step + 1
         if done % s.log_every == 0 or done == s.num_steps:

@@ -81,6 +81,17 @@ class StableDiffusion:
     """Images [B, H, W, 3] (about [-1, 1]) of latents."""
     return self._jitted["decode"](self.params["vae"], jnp.asarray(latents) / self.scaling_factor)
 
+  def denoiser(self, unet_params, context, guidance_scale: float):
+    """denoise_fn(x, t) of the U-Net with `sample`'s classifier-free guidance, context =
+    [cond; uncond] ([2B, 77, D]): traceable, for callers that jit it themselves (as
+    score distillation does, parameters as arguments)."""
+    return _denoise_fn(self.unet_model, unet_params, context, guidance_scale)
+
+  def latents_of(self, vae_params, images) -> jax.Array:
+    """`vae_encode` with the parameters as an argument: traceable and differentiable."""
+    posterior = self.vae_model.apply({"params": vae_params}, images, method=Autoencoder.encode)
+    return self.scaling_factor * posterior.mean
+
   def sample(
     self,
     prompts: list[str],
