@@ -70,7 +70,9 @@ def main(argv: list[str]) -> int:
       print("ruff found problems: run `.venv/bin/python -m ruff format .` and fix the rest")
       return code
   # Two workers: most of the suite's time is XLA compiling, which is largely single-threaded.
-  return subprocess.call([python, "-m", "pytest", "-q", "-n", "2", *extra])
+  # Work stealing hands each worker a contiguous share of the tests (a module's fixtures are set
+  # up once) and rebalances at the end.
+  return subprocess.call([python, "-m", "pytest", "-q", "-n", "2", "--dist", "worksteal", *extra])
 
 
 if __name__ == "__main__":

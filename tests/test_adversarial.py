@@ -11,6 +11,7 @@ import pytest
 from run_files import load_state
 from test_autoencoder_run import ae_config
 
+from diffusion_jax.core import rng
 from diffusion_jax.experiment import adversarial, autoencoder, train
 from diffusion_jax.experiment import run as run_lib
 from diffusion_jax.experiment.train_step import compile_train_step
@@ -19,6 +20,7 @@ from diffusion_jax.models.discriminator import (
   DiscriminatorConfig,
   PatchDiscriminator,
 )
+from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime.errors import ConfigError
 from tests.fixtures.lpips import weights
 
@@ -56,11 +58,11 @@ def test_batch_norm_uses_the_batch_statistics():
 @pytest.fixture(scope="module")
 def gan_step():
   """A tiny autoencoder with a discriminator (no warm-up: both learn at full rate at once), its
-  jitted step, and the reconstruction loss and g_loss of a batch with their gradients, computed
-  without the step's code."""
+  run, its jitted step, and the reconstruction loss and g_loss of a batch with their gradients,
+  computed without the step's code."""
   config = ae_config(**{**GAN, "train.warmup_steps": 0})
   run = run_lib.make_run(config)
-  state = jax.jit(run.init_state)(jax.random.key(0))
+  state = _init(run)
   adversary = adversarial.Adversary(config.autoencoder, run.train)
 
   def direct(params, disc_params, x, keys):
@@ -74,13 +76,19 @@ def gan_step():
     return losses(params), grad_rec, grad_g
 
   # The train loop's own compiled step (which the training tests below load from the cache).
-  return state, compile_train_step(run), jax.jit(direct)
+  return run, state, compile_train_step(run), jax.jit(direct)
+
+
+def _init(run):
+  """The run's fresh state as the train loop makes it (the same program: read from the cache)."""
+  init = jax.jit(run.init_state, out_shardings=parallel.replicated(run.mesh))
+  return init(rng.stream_key(run.config.seed, rng.INIT))
 
 
 @pytest.mark.parametrize("step_index", [1, 2])
 def test_the_adaptive_weight_and_losses_are_ldms(gan_step, step_index):
-  state, step, direct = gan_step
-  state = state.replace(step=jnp.int32(step_index))
+  run, state, step, direct = gan_step
+  state = state.replace(step=jax.device_put(jnp.int32(step_index), state.step.sharding))
   images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
   key = jax.random.key(3)
   # Directly: the two losses of the same draws, each differentiated alone.
@@ -92,7 +100,9 @@ def test_the_adaptive_weight_and_losses_are_ldms(gan_step, step_index):
   ratio = np.linalg.norm(np.float64(grad_rec)) / (np.linalg.norm(np.float64(grad_g)) + 1e-4)
   weight = 0.5 * min(ratio, 1e4) if step_index >= 2 else 0.0
 
-  new_state, metrics = step(jax.tree.map(jnp.copy, state), {"image": images}, key)  # donated
+  # The batch placed on the mesh as the train loop places it.
+  batch = parallel.put_batch({"image": np.asarray(images)}, run.mesh, axis=0)
+  new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, key)  # donated
   assert float(metrics["d_weight"]) == pytest.approx(weight, rel=1e-4, abs=1e-12)
   assert float(metrics["g_loss"]) == pytest.approx(float(g), rel=1e-4)
   assert float(metrics["loss"]) == pytest.approx(float(rec) + weight * float(g), rel=1e-4)
@@ -111,14 +121,20 @@ def test_the_adaptive_weight_and_losses_are_ldms(gan_step, step_index):
 def test_the_perceptual_term_weighs_every_pixel_as_ldm():
   config = ae_config(**{"autoencoder.perceptual_weight": 0.25})
   run = run_lib.make_run(config)
-  params = jax.jit(run.init_state)(jax.random.key(0)).params
+  params = _init(run).params  # the program of the LPIPS run's initialisation below
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   keys = jax.random.split(jax.random.key(2), 2)
   distance = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3)) * 7.0  # any [B] function
-  plain, terms, out = autoencoder.loss_per_example(run.model, params, x, keys, config.autoencoder)
-  with_p, p_terms, _ = autoencoder.loss_per_example(
-    run.model, params, x, keys, config.autoencoder, distance
-  )
+
+  @jax.jit
+  def both(params, x, keys):
+    plain = autoencoder.loss_per_example(run.model, params, x, keys, config.autoencoder)
+    perceptual = autoencoder.loss_per_example(
+      run.model, params, x, keys, config.autoencoder, distance
+    )
+    return plain, perceptual
+
+  (plain, terms, out), (with_p, p_terms, _) = both(params, x, keys)
   np.testing.assert_allclose(p_terms["lpips"], distance(x, out), rtol=1e-6)
   np.testing.assert_allclose(with_p, plain + 0.25 * p_terms["lpips"] * 16 * 16 * 3, rtol=1e-5)
 
